@@ -1,0 +1,393 @@
+"""The one trainer: config → mesh → born-sharded state → jitted steps → checkpoints, metrics and image grids.
+
+Multi-host discipline: every process runs the same control flow; per-process batches become global arrays;
+only process 0 writes metrics/images; checkpoints are written collectively by Orbax.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from unitok_jax import config_lib
+from unitok_jax.parallel import sharding as shd
+from unitok_jax.train import checkpointing, metric_writers, optimizers, perf
+from unitok_jax.train import step as step_lib
+from unitok_jax.train.state import TrainState, initial_counters
+from unitok_jax.train.validation import validate_config
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Components:
+    """Static pieces derived from the config: graph definitions, optimizers, shardings and the step context."""
+
+    mesh: Any
+    ctx: step_lib.StepContext
+    init_state: Any            # () -> TrainState, jitted with out_shardings
+    init_frozen: Any           # () -> frozen tree, jitted with out_shardings
+    state_shardings: Any
+    frozen_shardings: Any
+    abstract_state: Any
+    param_count: int
+
+
+def _dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _build_model(config: ml_collections.ConfigDict, seed: int):
+    from unitok_jax.models import build_model
+
+    return build_model(config.model_name, config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def _build_discriminator(config: ml_collections.ConfigDict, seed: int):
+    from unitok_jax.models.discriminators import build_discriminator
+
+    return build_discriminator(config.discriminator.name, config.discriminator, rngs=nnx.Rngs(params=seed + 2))
+
+
+def _load_frozen_weights(config: ml_collections.ConfigDict):
+    """Pretrained frozen modules loaded from user paths (nothing is ever downloaded)."""
+    lpips = None
+    if config.loss.lpips:
+        from unitok_jax.models.lpips import load_lpips
+
+        lpips = load_lpips(config.loss.lpips_path)
+    return lpips
+
+
+def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components:
+    mesh = mesh or shd.create_mesh(config.mesh)
+    rules = shd.resolve_rules(config.mesh.rules)
+    seed = int(config.seed)
+    gan_enabled = bool(config.loss.gan) and config.discriminator.name != "none"
+
+    abstract_model = nnx.eval_shape(lambda: _build_model(config, seed))
+    model_graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+    tx = optimizers.make_optimizer(config.optimizer, abs_params, config.total_steps)
+    gan_start = config_lib.resolve_steps(config.loss.gan_start, config.total_steps)
+    gan_ramp = config_lib.resolve_steps(config.loss.gan_ramp, config.total_steps)
+
+    disc_graphdef = disc_tx = None
+    abs_disc_params = abs_disc_rest = nnx.State({})
+    if gan_enabled:
+        abstract_disc = nnx.eval_shape(lambda: _build_discriminator(config, seed))
+        disc_graphdef, abs_disc_params, abs_disc_rest = nnx.split(abstract_disc, nnx.Param, ...)
+        disc_tx = optimizers.make_optimizer(config.disc_optimizer, abs_disc_params, max(config.total_steps - gan_start, 1))
+
+    lpips_module = _load_frozen_weights(config)
+    lpips_graphdef = lpips_state = None
+    if lpips_module is not None:
+        lpips_graphdef, lpips_state = nnx.split(lpips_module)
+
+    diffaug = None
+    if gan_enabled:
+        from unitok_jax.losses.diffaug import diff_augment
+
+        aug = config.loss.diffaug
+        diffaug = functools.partial(_diffaug_with_defaults, diff_augment, translation=aug.translation, color=aug.color, cutout=aug.cutout)
+
+    ctx = step_lib.StepContext(
+        model_graphdef=model_graphdef,
+        tx=tx,
+        weights=step_lib.LossWeights(
+            l1=config.loss.l1, l2=config.loss.l2, lpips=config.loss.lpips, vq=config.loss.vq, clip=config.loss.clip,
+            gan=config.loss.gan, adaptive_gan_weight=config.loss.adaptive_gan_weight,
+            adaptive_clamp=tuple(config.loss.adaptive_clamp), bcr=config.loss.bcr, bcr_cutout=config.loss.bcr_cutout,
+        ),
+        mesh=mesh,
+        gan_start_step=gan_start,
+        gan_ramp_steps=gan_ramp,
+        logit_scale_max=float(config.model.clip.get("logit_scale_max", np.log(100.0))) if config.model.get("clip") else float(np.log(100.0)),
+        disc_graphdef=disc_graphdef,
+        disc_tx=disc_tx,
+        lpips_graphdef=lpips_graphdef,
+        diffaug=diffaug,
+        model_has_rngs=bool(jax.tree.leaves(abs_rest)),
+    )
+
+    repl = shd.replicated(mesh)
+    param_sh = shd.state_shardings(abs_params, mesh, rules)
+    rest_sh = shd.state_shardings(abs_rest, mesh, rules)
+    disc_param_sh = shd.state_shardings(abs_disc_params, mesh, rules)
+    disc_rest_sh = shd.state_shardings(abs_disc_rest, mesh, rules)
+
+    def opt_shardings(opt, params_abstract, params_sh):
+        abstract_opt = jax.eval_shape(opt.init, params_abstract)
+        return optax_param_shardings(opt, abstract_opt, params_sh, repl)
+
+    opt_sh = opt_shardings(tx, abs_params, param_sh)
+    disc_opt_sh = opt_shardings(disc_tx, abs_disc_params, disc_param_sh) if gan_enabled else nnx.State({})
+    state_sh = TrainState(
+        step=repl, params=param_sh, opt_state=opt_sh, disc_params=disc_param_sh, disc_opt_state=disc_opt_sh,
+        rng=repl, nonfinite_steps=repl, consecutive_nonfinite=repl,
+    )
+
+    def init_state_fn():
+        _, params, _ = nnx.split(_build_model(config, seed), nnx.Param, ...)
+        disc_params, disc_opt = nnx.State({}), nnx.State({})
+        if gan_enabled:
+            _, disc_params, _ = nnx.split(_build_discriminator(config, seed), nnx.Param, ...)
+            disc_opt = disc_tx.init(disc_params)
+        return TrainState(params=params, opt_state=tx.init(params), disc_params=disc_params, disc_opt_state=disc_opt,
+                          rng=jax.random.key_data(jax.random.key(seed)), **initial_counters())
+
+    lpips_sh = shd.state_shardings(lpips_state, mesh, rules) if lpips_state is not None else None
+    frozen_sh = {"model_rest": rest_sh, "disc_rest": disc_rest_sh, "lpips": lpips_sh}
+
+    def init_frozen_fn():
+        _, _, rest = nnx.split(_build_model(config, seed), nnx.Param, ...)
+        disc_rest = nnx.State({})
+        if gan_enabled:
+            _, _, disc_rest = nnx.split(_build_discriminator(config, seed), nnx.Param, ...)
+        return {"model_rest": rest, "disc_rest": disc_rest}
+
+    init_frozen_jit = jax.jit(init_frozen_fn, out_shardings={"model_rest": rest_sh, "disc_rest": disc_rest_sh})
+
+    def init_frozen():
+        frozen = dict(init_frozen_jit())
+        frozen["lpips"] = jax.device_put(lpips_state, lpips_sh) if lpips_state is not None else None
+        return frozen
+
+    with jax.set_mesh(mesh):
+        abstract_state = jax.eval_shape(init_state_fn)
+    param_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params))
+    return Components(
+        mesh=mesh, ctx=ctx, init_state=jax.jit(init_state_fn, out_shardings=state_sh), init_frozen=init_frozen,
+        state_shardings=state_sh, frozen_shardings=frozen_sh, abstract_state=abstract_state, param_count=param_count,
+    )
+
+
+def _diffaug_with_defaults(fn, images, key, *, translation, color, cutout, **overrides):
+    kwargs = dict(translation=translation, color=color, cutout=cutout)
+    kwargs.update(overrides)
+    return fn(images, key, **kwargs)
+
+
+def optax_param_shardings(tx, abstract_opt_state, param_shardings, default):
+    """Shardings for an optimizer state: moments follow their params, everything else (counts) is replicated."""
+    import optax
+
+    return optax.tree_map_params(
+        tx, lambda _, sharding: sharding, abstract_opt_state, param_shardings,
+        transform_non_params=lambda _: default, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
+    )
+
+
+def jit_train_steps(components: Components, batch_shardings) -> dict[bool, Any]:
+    """Two compiled variants selected on the host: without and with the GAN."""
+    steps = {}
+    for gan_active in (False, True):
+        if gan_active and components.ctx.disc_graphdef is None:
+            continue
+        fn = functools.partial(step_lib.train_step, ctx=components.ctx, gan_active=gan_active)
+        steps[gan_active] = jax.jit(
+            fn,
+            in_shardings=(components.state_shardings, components.frozen_shardings, batch_shardings),
+            out_shardings=(components.state_shardings, shd.replicated(components.mesh)),
+            donate_argnums=(0,),
+        )
+    return steps
+
+
+class _StopSignal:
+    """SIGTERM (preemption notice) sets a flag; the loop finishes the step, checkpoints and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def install(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread (e.g. some test runners)
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        logging.warning("received signal %d: will checkpoint after this step and exit", signum)
+
+    def uninstall(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _preemption_reached(step: int) -> bool:
+    try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+    except Exception:  # the preemption service only exists with jax.distributed on supported platforms
+        return False
+
+
+def _host_sum(value: int) -> int:
+    if jax.process_count() == 1:
+        return int(value)
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train (or resume) the run in `workdir`. Returns a summary with first/last logged metrics."""
+    from unitok_jax.data import pipeline
+
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    timers = perf.TimeBuckets()
+    components = build_components(config)
+    mesh = components.mesh
+    writer = metric_writers.MetricWriter(workdir)
+    logging.info("model %s: %.2f M trainable generator params; mesh %s", config.model_name, components.param_count / 1e6, dict(mesh.shape))
+
+    loader = pipeline.make_train_loader(config.data, global_batch_size=config.global_batch_size, seed=config.seed)
+    data_iter = iter(loader)
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
+                                              async_save=config.async_checkpointing)
+    abstract = checkpointing.abstract_with_shardings(components.abstract_state, components.state_shardings)
+
+    with timers("restore"):
+        state, start_step, origin = _restore_or_init(config, components, checkpointer, abstract, data_iter)
+    frozen = components.init_frozen()
+    if jax.process_index() == 0:
+        print(f"[unitok_jax] {origin}; training steps {start_step} → {config.total_steps}", flush=True)
+
+    batch_sh = None
+    steps = None
+    progress = metric_writers.ProgressLine(config.total_steps, start_step)
+    preview = _preview_batch(config, mesh)
+    reconstruct = jax.jit(functools.partial(_reconstruct, graphdef=components.ctx.model_graphdef))
+    stop = _StopSignal()
+    stop.install()
+    skipped_total, images_seen, window_start, window_steps = 0, 0, time.time(), 0
+    first_metrics = last_metrics = None
+    pending_counter = None
+    step = start_step
+    try:
+        while step < config.total_steps:
+            with timers("data_wait"):
+                local = next(data_iter)
+            skipped_total += int(np.sum(local.get("num_skipped", 0)))
+            batch = shd.to_global_batch({k: v for k, v in local.items() if k in ("image", "text", "label")}, mesh)
+            if steps is None:
+                batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+                steps = jit_train_steps(components, batch_sh)
+            gan_active = components.ctx.disc_graphdef is not None and step >= components.ctx.gan_start_step
+            bucket = "compile_and_step" if window_steps == 0 and step == start_step else "step"
+            with timers(bucket):
+                state, metrics = steps[gan_active](state, frozen, batch)
+            step += 1
+            window_steps += 1
+            images_seen += config.global_batch_size
+
+            # Non-finite guard: read the previous step's counter (one-step lag keeps the device busy).
+            if pending_counter is not None and int(pending_counter) >= config.max_consecutive_nonfinite:
+                raise NonFiniteError(
+                    f"{int(pending_counter)} consecutive steps up to step {step - 1} had non-finite loss or gradients; "
+                    f"stopping. The last good checkpoint is kept in {checkpointer.directory}."
+                )
+            pending_counter = metrics["train/consecutive_nonfinite"]  # metrics are not donated; the state is
+
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = max(time.time() - window_start, 1e-9)
+                scalars["perf/images_per_sec"] = window_steps * config.global_batch_size / elapsed
+                scalars["perf/images_per_sec_per_device"] = scalars["perf/images_per_sec"] / jax.device_count()
+                scalars["perf/steps_per_sec"] = window_steps / elapsed
+                scalars["data/skipped"] = _host_sum(skipped_total)
+                scalars["train/lr"] = float(optimizers.learning_rate(config.optimizer, config.total_steps, step))
+                scalars.update(timers.as_metrics())
+                writer.write_scalars(step, scalars)
+                metric_writers.print_progress(progress.format(step, scalars))
+                first_metrics = first_metrics or scalars
+                last_metrics = scalars
+                window_start, window_steps = time.time(), 0
+
+            if preview is not None and (step % config.image_every_steps == 0 or step == config.total_steps):
+                rec = reconstruct(state.params, frozen["model_rest"], preview)
+                writer.write_image_grid(step, "reconstruction", multihost_utils.process_allgather(preview, tiled=True),
+                                        multihost_utils.process_allgather(rec, tiled=True))
+
+            preempted = stop.requested or _preemption_reached(step)
+            if step % config.ckpt_every_steps == 0 or step == config.total_steps or preempted:
+                with timers("checkpoint"):
+                    checkpointer.save(step, state, data_iter, _config_json(config), force=preempted)
+            if preempted:
+                with timers("checkpoint"):
+                    checkpointer.wait()
+                if jax.process_index() == 0:
+                    print(f"[unitok_jax] preempted: checkpoint for step {step} written; exiting cleanly", flush=True)
+                break
+    finally:
+        stop.uninstall()
+        checkpointer.close()
+        writer.flush()
+        writer.close()
+    return {"start_step": start_step, "final_step": step, "origin": origin, "first": first_metrics, "last": last_metrics,
+            "timers": timers.as_metrics(), "writer_errors": writer.errors}
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+    import json
+
+    return json.loads(config.to_json_best_effort())
+
+
+def _restore_or_init(config, components: Components, checkpointer, abstract, data_iter):
+    step, state = checkpointer.restore_latest_good(abstract, data_iter)
+    if state is not None:
+        return state, int(step), f"resumed from {checkpointer.directory} at step {step}"
+    if config.resume_from:
+        other = checkpointing.Checkpointer(config.resume_from, async_save=False)
+        step, state = other.restore_latest_good(abstract, data_iter)
+        other.close()
+        if state is None:
+            raise checkpointing.RestoreError(f"config.resume_from={config.resume_from!r} holds no readable checkpoint")
+        return state, int(step), f"resumed from {config.resume_from} at step {step}"
+    with jax.set_mesh(components.mesh):
+        state = components.init_state()
+    if config.init_from:
+        restored = checkpointing.restore_params_only(config.init_from, None)
+        params = nnx.State(restored) if not isinstance(restored, nnx.State) else restored
+        params = jax.device_put(params, components.state_shardings.params)
+        state = state.replace(params=params)
+        return state, 0, f"initialised params from {config.init_from}"
+    return state, 0, "started from scratch"
+
+
+def _reconstruct(params, model_rest, images, *, graphdef):
+    model = nnx.merge(graphdef, params, model_rest)
+    rec, _ = model(images, None, deterministic=True)
+    return jnp.clip(rec.astype(jnp.float32), -1.0, 1.0)
+
+
+def _preview_batch(config, mesh):
+    """A fixed batch of eval images (same every time) for the reconstruction grids."""
+    from unitok_jax.data import pipeline
+
+    try:
+        loader = pipeline.make_eval_loader(config.data, batch_size=max(8, jax.device_count()))
+        batch = next(iter(loader))
+    except Exception as e:  # no eval split configured: grids are skipped, training is unaffected
+        logging.warning("no eval data for reconstruction grids (%s)", e)
+        return None
+    n = (min(8, batch["image"].shape[0]) // jax.device_count()) * jax.device_count() or jax.device_count()
+    images = np.asarray(batch["image"][:n], np.float32)
+    if images.shape[0] < n:
+        return None
+    per_process = n // jax.process_count()
+    start = jax.process_index() * per_process
+    return shd.to_global_batch({"image": images[start:start + per_process]}, mesh)["image"]
