@@ -141,8 +141,11 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
 
 
 def drop_path(x: jax.Array, rate: float, *, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
-    """Stochastic depth: drop the whole residual branch per example with probability `rate`."""
-    if deterministic or rate == 0.0:
+    """Stochastic depth: drop the whole residual branch per example with probability `rate`.
+
+    `rate` may be a traced scalar (per-layer rates inside a scanned block stack); then the mask is always drawn.
+    """
+    if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
         return x
     keep = 1.0 - rate
     mask = jax.random.bernoulli(rngs.dropout(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
