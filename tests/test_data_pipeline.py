@@ -178,6 +178,14 @@ def test_eval_loader_padding_and_mask(indexed_config):
   np.testing.assert_allclose(batches[0]["image"][0], want)
 
 
+def test_partial_dict_config_gets_defaults(indexed_config):
+  ds = pipeline.make_train_loader(
+      {"name": "array_record", "train_files": indexed_config.train_files, "image_size": 8, "crop_scale": [0.5, 1.0]},
+      global_batch_size=2, seed=0, process_index=0, process_count=1)
+  batch = next(iter(ds))
+  assert batch["image"].shape == (2, 8, 8, 3) and batch["text"].shape == (2, 77)
+
+
 def test_eval_on_embedded(embedded_config):
   ev = pipeline.make_eval_loader(embedded_config, batch_size=8, process_index=0, process_count=1)
   batches = list(ev)
@@ -187,7 +195,7 @@ def test_eval_on_embedded(embedded_config):
 
 def test_mixture_weights(indexed_config, tmp_path):
   cfg = ml_collections.ConfigDict(indexed_config.to_dict())
-  _write_indexed(tmp_path / "hi.array_record", 10, offset=1000)
+  _write_indexed(tmp_path / "hi.array_record", 100, offset=1000)  # not tiny: index_shuffle is slow below ~1k
   cfg.sources = [{"files": indexed_config.train_files, "weight": 1.0},
                  {"files": str(tmp_path / "hi.array_record"), "weight": 3.0}]
   ds = pipeline.make_train_loader(cfg, global_batch_size=40, seed=0, process_index=0, process_count=1)
@@ -215,6 +223,8 @@ def test_config_validation_names_the_field(indexed_config):
   for kw, field in cases:
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
       pipeline.make_train_loader(bad(**kw), global_batch_size=4, seed=0, process_index=0, process_count=1)
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['image_szie'\]"):
+    pipeline.make_train_loader({"image_szie": 3}, global_batch_size=4, seed=0, process_index=0, process_count=1)
   with pytest.raises(FileNotFoundError, match="nope"):
     pipeline.make_train_loader(bad(train_files="/nope/*.array_record"), global_batch_size=4, seed=0,
                                process_index=0, process_count=1)

@@ -240,13 +240,14 @@ def build_embedded_dataset(
       }
       with open(os.path.join(tmp_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
-      if os.path.isdir(out_dir):  # an incomplete leftover (no valid manifest): replace it
-        shutil.rmtree(out_dir, ignore_errors=True)
-      try:
-        os.rename(tmp_dir, out_dir)
-      except OSError:
-        if _read_manifest(out_dir, args) is None:  # lost a race to a concurrent builder only if theirs is complete
-          raise
+      if _read_manifest(out_dir, args) is None:  # else a concurrent builder finished first: use theirs
+        if os.path.isdir(out_dir):  # an incomplete leftover (no valid manifest): replace it
+          shutil.rmtree(out_dir, ignore_errors=True)
+        try:
+          os.rename(tmp_dir, out_dir)
+        except OSError:
+          if _read_manifest(out_dir, args) is None:  # losing a rename race is fine only if the winner is complete
+            raise
     finally:
       shutil.rmtree(tmp_dir, ignore_errors=True)
     manifest = _read_manifest(out_dir, args)

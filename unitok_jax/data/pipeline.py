@@ -53,12 +53,32 @@ def default_data_config() -> ml_collections.ConfigDict:
   return c
 
 
+def complete_data_config(data_config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """``default_data_config()`` overlaid with the given fields (a ConfigDict or dict; ``embedded`` merges per key).
+
+  Unknown fields are an error (they are usually typos that would otherwise be ignored silently).
+  """
+  given = data_config.to_dict() if isinstance(data_config, ml_collections.ConfigDict) else dict(data_config)
+  full = default_data_config().to_dict()
+  unknown = sorted(set(given) - set(full))
+  if unknown:
+    raise ValueError(f"config.data has unknown field(s) {unknown}; known fields: {sorted(full)}")
+  embedded_given = dict(given.pop("embedded", None) or {})
+  unknown = sorted(set(embedded_given) - set(full["embedded"]))
+  if unknown:
+    raise ValueError(f"config.data.embedded has unknown field(s) {unknown}; known: {sorted(full['embedded'])}")
+  full.update(given)
+  full["embedded"].update(embedded_given)
+  return ml_collections.ConfigDict(full)
+
+
 def _err(field: str, value: Any, need: str) -> ValueError:
   return ValueError(f"config.data.{field}={value!r}: {need}")
 
 
 def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ``ValueError`` naming the offending ``config.data`` field and how to fix it."""
+  cfg = complete_data_config(cfg)
   if cfg.name not in NAMES:
     raise _err("name", cfg.name, f"must be one of {list(NAMES)} (e.g. --config.data.name=embedded)")
   if int(cfg.image_size) < 8:
@@ -108,6 +128,7 @@ def _embedded_info(cfg) -> dict[str, Any]:
 
 def train_sources(cfg) -> list[tuple[list[str], float]]:
   """``[(files, weight), ...]`` the train loader reads (one entry unless a mixture is configured)."""
+  cfg = complete_data_config(cfg)
   if cfg.name == "embedded":
     return [(_embedded_info(cfg)["train"], 1.0)]
   if list(cfg.sources):
@@ -116,6 +137,7 @@ def train_sources(cfg) -> list[tuple[list[str], float]]:
 
 
 def eval_files(cfg) -> list[str]:
+  cfg = complete_data_config(cfg)
   if cfg.name == "embedded":
     return _embedded_info(cfg)["eval"]
   if not cfg.eval_files:
@@ -125,6 +147,7 @@ def eval_files(cfg) -> list[str]:
 
 def class_names(cfg) -> list[str] | None:
   """Class names for zero-shot evaluation: embedded's, or the ``class_names`` of an ingest manifest; else None."""
+  cfg = complete_data_config(cfg)
   if cfg.name == "embedded":
     return embedded.class_names()
   for spec in [cfg.eval_files, cfg.train_files, *[s["files"] for s in cfg.sources]]:
@@ -306,10 +329,12 @@ def make_train_loader(
   ``{"image": float32 [b, s, s, 3] in [-1, 1], "text": int32 [b, t], "label": int32 [b], "num_skipped": int32 [b]}``
   with ``b = global_batch_size // process_count``; ``num_skipped[i]`` counts the bad records dropped just before
   row ``i`` (sum it for the batch). Same seed -> same batches; ``num_epochs=None`` repeats forever. The iterator
-  supports ``iterator_state`` / ``restore_iterator`` and the Orbax args below.
+  supports ``iterator_state`` / ``restore_iterator`` and the Orbax args below; a state restores only into a loader
+  built with the same files, seed, batch size, process count and worker_count (the state is per worker). With
+  ``worker_count > 0`` call ``it.close()`` when done to stop the worker processes.
   """
-  validate_data_config(data_config)
-  cfg = data_config
+  cfg = complete_data_config(data_config)
+  validate_data_config(cfg)
   process_index, process_count = _process_index_and_count(process_index, process_count)
   if global_batch_size < 1 or global_batch_size % process_count:
     raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of process_count="
@@ -374,8 +399,8 @@ def make_eval_loader(
   ``batch_size`` is global (split evenly across processes). Process ``p`` takes records ``p, p + P, ...``; all
   processes yield the same number of batches, the last ones padded with ``mask == False`` rows.
   """
-  validate_data_config(data_config)
-  cfg = data_config
+  cfg = complete_data_config(data_config)
+  validate_data_config(cfg)
   process_index, process_count = _process_index_and_count(process_index, process_count)
   if batch_size < 1 or batch_size % process_count:
     raise ValueError(f"batch_size={batch_size} must be a positive multiple of process_count={process_count}")
