@@ -1,0 +1,70 @@
+"""Evaluation metrics: PSNR/SSIM, FID/IS with the TF-2015 InceptionV3, zero-shot classification, codebook usage.
+
+Independent of the training code: pure functions plus small accumulator classes that take arrays or plain
+callables. Submodules are imported explicitly (`from unitok_jax.evals import fid`); this file only holds the
+cross-process reduction helper they share.
+
+    image_metrics  psnr, ssim, to_unit_range
+    inception      FidInceptionV3 (pytorch-fid / torch-fidelity port), load_fid_inception
+    fid            sqrtm, frechet_distance, FeatureStats, inception_score, FidEvaluator
+    zeroshot       build_classifier, zero_shot_logits, topk_accuracy, recall_at_k
+    codebook       CodebookUsage, codebook_summary
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _split_f64(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 -> (hi, lo) float32 pair with hi + lo == x to ~48 mantissa bits (integers exact below 2**48)."""
+    hi = x.astype(np.float32)
+    lo = (x - hi.astype(np.float64)).astype(np.float32)
+    return hi, lo
+
+
+def gather_across_processes(x) -> np.ndarray:
+    """Stack a host-local numpy array from every JAX process: [process_count, *x.shape], float64-exact-ish.
+
+    `process_allgather` goes through jax arrays, which are float32/int32 unless x64 is enabled, so the values
+    are sent as a float32 hi/lo pair and recombined in float64 (~48 mantissa bits; integers exact below 2**48).
+    Every process must call this with the same shape (collective). On one process: x[None], no communication.
+    """
+    import jax
+
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x[None].copy()
+    from jax.experimental import multihost_utils
+
+    hi, lo = _split_f64(x.astype(np.float64))
+    hi_all = np.asarray(multihost_utils.process_allgather(hi), np.float64)  # [p, ...]
+    lo_all = np.asarray(multihost_utils.process_allgather(lo), np.float64)
+    total = hi_all + lo_all
+    if np.issubdtype(x.dtype, np.integer):
+        return np.rint(total).astype(x.dtype)
+    return total.astype(x.dtype)
+
+
+def sum_across_processes(x) -> np.ndarray:
+    """Sum a host-local numpy array over all JAX processes keeping float64 precision (collective)."""
+    x = np.asarray(x)
+    return gather_across_processes(x).sum(axis=0).astype(x.dtype)
+
+
+def concat_across_processes(x) -> np.ndarray:
+    """Concatenate host-local float arrays [n_p, ...] from all processes along axis 0 (identity on one process).
+
+    Row counts may differ per process: the counts are gathered first and each block is zero-padded to the max.
+    """
+    import jax
+
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x.copy()
+    from jax.experimental import multihost_utils
+
+    counts = np.asarray(multihost_utils.process_allgather(np.asarray([x.shape[0]], np.int32))).reshape(-1)
+    pad = int(counts.max()) - x.shape[0]
+    padded = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)], axis=0) if pad else x
+    gathered = np.asarray(multihost_utils.process_allgather(padded.astype(np.float32)))  # [p, max_n, ...]
+    return np.concatenate([gathered[i, : counts[i]] for i in range(len(counts))], axis=0).astype(x.dtype)
