@@ -213,19 +213,23 @@ def load_lpips(path_or_state_dict, *, model: LPIPS | None = None) -> LPIPS:
             + (f"\n  unexpected keys: {unexpected}" if unexpected else "")
             + (f"\n  wrong shapes: {wrong}" if wrong else "")
         )
-    model = model if model is not None else LPIPS(nnx.Rngs(0))
+    # Without a given model, build it abstractly: every weight is overwritten, so skip the random init of 14.7 M
+    # parameters (set_value works on abstract and concrete Variables alike).
+    model = model if model is not None else nnx.eval_shape(lambda: LPIPS(nnx.Rngs(0)))
     f32 = lambda a: jnp.asarray(np.asarray(a, dtype=np.float32))  # noqa: E731
     for s, (slc, convs) in enumerate(zip(model.slices, VGG16_SLICES)):
         for conv, (idx, _, _) in zip(slc.convs, convs):
             w = np.asarray(sd[f"net.slice{s + 1}.{idx}.weight"], np.float32)
-            conv.kernel[...] = f32(w.transpose(2, 3, 1, 0))  # (O,I,kh,kw) -> (kh,kw,I,O)
-            conv.bias[...] = f32(sd[f"net.slice{s + 1}.{idx}.bias"])
+            conv.kernel.set_value(f32(w.transpose(2, 3, 1, 0)))  # (O,I,kh,kw) -> (kh,kw,I,O)
+            conv.bias.set_value(f32(sd[f"net.slice{s + 1}.{idx}.bias"]))
     for i, lin in enumerate(model.lins):
-        lin.kernel[...] = f32(np.asarray(sd[f"lins.{i}.model.1.weight"], np.float32).transpose(2, 3, 1, 0))
-    if "shift" in sd:
-        model.shift[...] = f32(np.reshape(sd["shift"], (3,)))
+        lin.kernel.set_value(f32(np.asarray(sd[f"lins.{i}.model.1.weight"], np.float32).transpose(2, 3, 1, 0)))
+    shift = np.reshape(sd["shift"], (3,)) if "shift" in sd else np.asarray(LPIPS_SHIFT, np.float32)
     if "scale_inv" in sd:
-        model.scale_inv[...] = f32(np.reshape(sd["scale_inv"], (3,)))
-    elif "scale" in sd:
-        model.scale_inv[...] = f32(np.float32(1.0) / np.reshape(np.asarray(sd["scale"], np.float32), (3,)))
+        scale_inv = np.reshape(sd["scale_inv"], (3,))
+    else:
+        scale = np.reshape(sd["scale"], (3,)) if "scale" in sd else np.asarray(LPIPS_SCALE, np.float32)
+        scale_inv = np.float32(1.0) / np.asarray(scale, np.float32)
+    model.shift.set_value(f32(shift))
+    model.scale_inv.set_value(f32(scale_inv))
     return model
