@@ -37,11 +37,16 @@ def test_shape_table_matches_published_layout():
     assert n_params == 27_161_264 - 3_326_696 + 16_392
 
 
-def test_loader_round_trip(state_dict, model):
+def test_loader_round_trip(state_dict, model, tmp_path):
     exported = inc.export_state_dict(model)
     assert set(exported) == {k for k in state_dict if not k.endswith("num_batches_tracked")}
     for k, v in exported.items():
         np.testing.assert_array_equal(v, state_dict[k], err_msg=k)
+    # torch-free deployment: an .npz of the exported dict loads back to the same weights.
+    np.savez(tmp_path / "inception.npz", **exported)
+    again = inc.load_fid_inception(str(tmp_path / "inception.npz"))
+    np.testing.assert_array_equal(np.asarray(again.Mixed_7b.branch3x3_2a.conv.kernel[...]),
+                                  np.asarray(model.Mixed_7b.branch3x3_2a.conv.kernel[...]))
     # Layouts: torch OIHW -> HWIO, Linear (out, in) -> (in, out).
     np.testing.assert_array_equal(
         np.asarray(model.Mixed_6b.branch7x7_2.conv.kernel[...]),

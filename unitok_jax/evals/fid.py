@@ -4,8 +4,9 @@ Maths on the host in float64 numpy (no scipy at run time):
   * `frechet_distance` = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2). The trace term is computed as
     sum sqrt(eig(L^T S2 L)) with S1 = L L^T (or sqrt(S1) S2 sqrt(S1) when S1 is singular) — a symmetric PSD
     matrix similar to S1 S2 — which is exact, needs only symmetric eigenvalue problems, and stays accurate for
-    singular covariances (fewer samples than dimensions). `method='sqrtm'` instead mirrors pytorch-fid literally (general `sqrtm(S1 @ S2)`, the
-    eps * I offset retried when that is not finite, error on large imaginary parts).
+    singular covariances (fewer samples than dimensions). `method='sqrtm'` instead mirrors pytorch-fid
+    literally (general `sqrtm(S1 @ S2)`, the eps * I offset retried when that is not finite, error on large
+    imaginary parts).
   * `FeatureStats` accumulates (count, mean, centred scatter) in float64 with the pairwise (Chan et al.)
     update, merges across batches and processes (`allreduce`, via `process_allgather`), and yields mu and the
     unbiased covariance (np.cov).

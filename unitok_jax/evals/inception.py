@@ -134,7 +134,8 @@ def avg_pool_3x3_s1_exclude_pad(x: jax.Array) -> jax.Array:
     """avg_pool2d(3, stride 1, pad 1, count_include_pad=False): border windows divide by the valid count."""
     window, strides, pad = (1, 3, 3, 1), (1, 1, 1, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
     sums = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, pad)
-    counts = jax.lax.reduce_window(jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype), 0.0, jax.lax.add, window, strides, pad)
+    ones_map = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+    counts = jax.lax.reduce_window(ones_map, 0.0, jax.lax.add, window, strides, pad)
     return sums / counts
 
 
@@ -459,10 +460,16 @@ def load_fid_inception(
     """Build the FID InceptionV3 from a pytorch-fid / torch-fidelity weight file or a {key: array} dict.
 
     Every key is consumed: missing, unexpected (other than BN `num_batches_tracked`) or mis-shaped entries raise
-    a ValueError naming them. Reading a .pth file needs torch (optional extra); a dict of numpy arrays does not.
+    a ValueError naming them. Reading a .pth file needs torch (optional extra); a dict of numpy arrays or an
+    .npz written once with `np.savez(path, **export_state_dict(model))` does not.
     """
     from unitok_jax.convert.torch_io import load_state_dict
 
+    if isinstance(path_or_state_dict, (str, os.PathLike)) and os.fspath(path_or_state_dict).endswith(".npz"):
+        if not os.path.exists(path_or_state_dict):
+            raise FileNotFoundError(f"InceptionV3 weights not found: {os.fspath(path_or_state_dict)}")
+        with np.load(path_or_state_dict, allow_pickle=False) as data:
+            path_or_state_dict = {k: data[k] for k in data.files}
     sd = load_state_dict(path_or_state_dict, subkeys=("state_dict",))
     _check_keys(sd, torch_key_map())  # fail fast, before building the model
     abstract = _abstract_model(resize_mode=resize_mode, resize_input=resize_input, precision=precision)
