@@ -302,13 +302,16 @@ def test_full_size_dino_discriminator_abstract_shapes():
 
 
 def test_patch_discriminator():
-    disc = discriminators.build_discriminator("patch", dict(width=16, num_layers=3), rngs=nnx.Rngs(params=0))
     x = jax.random.uniform(jax.random.key(0), (3, 64, 64, 3), minval=-1, maxval=1)
+    # The default-depth PatchGAN, abstractly: 64 -> 32 -> 16 -> 8 -> 7 -> 6, i.e. 36 logits.
+    big = nnx.eval_shape(lambda: discriminators.build_discriminator("patch", dict(width=32, num_layers=3),
+                                                                   rngs=nnx.Rngs(params=0)))
+    assert jax.eval_shape(lambda d, a: d(a, rngs_or_key=jax.random.key(0)), big, x).shape == (3, 36)
+    # A concrete small one: 64 -> 32 -> 16 -> 15 -> 14.
+    disc = discriminators.build_discriminator("patch", dict(width=16, num_layers=2), rngs=nnx.Rngs(params=0))
     y = jax.jit(lambda d, a: d(a, rngs_or_key=jax.random.key(0)))(disc, x)
-    assert y.shape == (3, 36) and bool(jnp.all(jnp.isfinite(y)))
-    small = nnx.eval_shape(lambda: patch_discriminator.PatchDiscriminator(dict(width=16, num_layers=2),
-                                                                          rngs=nnx.Rngs(0)))
-    assert jax.eval_shape(lambda d, a: d(a), small, x).shape == (3, 14 * 14)
+    assert y.shape == (3, 14 * 14) and bool(jnp.all(jnp.isfinite(y)))
+    assert float(jnp.std(y)) > 0
     assert not jax.tree.leaves(nnx.state(disc, dinov2.FrozenParam))
     with pytest.raises(ValueError, match="num_layers >= 1"):
         patch_discriminator.PatchDiscriminator(dict(num_layers=0), rngs=nnx.Rngs(0))
