@@ -25,7 +25,7 @@ from unitok_jax.models.attn_projection import AttnProjection, check_attn_project
 from unitok_jax.models.mcq import MultiCodebookQuantizer
 from unitok_jax.models.pixel_decoder import PixelDecoder
 from unitok_jax.models.text_tower import TEXT_POOLS, TextTransformer, torch_default_uniform
-from unitok_jax.models.vit import REMAT_POLICIES
+from unitok_jax.models.vit import REMAT_POLICIES, InitKeys
 from unitok_jax.models.vitamin import ViTaminEncoder
 from unitok_jax.parallel import logical_axes as ax
 
@@ -199,6 +199,8 @@ class UniTok(nnx.Module):
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         cfg = normalize_config(cfg)
+        drop_rngs = nnx.Rngs(dropout=rngs.dropout()) if cfg.drop_path_rate > 0 else None
+        rngs = InitKeys.from_rngs(rngs)  # stateless key source: keeps traced init linear in model size
         self.config = ml_collections.FrozenConfigDict(cfg)
         dtype = DTYPES[cfg.dtype]
         self.dtype = dtype
@@ -228,7 +230,7 @@ class UniTok(nnx.Module):
         init_scale = L.partitioned(lambda key, shape, dt: jnp.full(shape, math.log(1 / 0.07), dt), ())
         self.logit_scale = nnx.Param(init_scale(rngs.params(), (), jnp.float32))
         self.logit_scale_max = float(cfg.clip.get("logit_scale_max", math.log(100.0)))
-        self.drop_rngs = nnx.Rngs(dropout=rngs.dropout()) if cfg.drop_path_rate > 0 else None
+        self.drop_rngs = drop_rngs
 
     # -- pieces --------------------------------------------------------------------------------------------------
     @property
