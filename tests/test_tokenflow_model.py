@@ -281,3 +281,44 @@ def test_load_teacher_random_warns(caplog):
     # CLIP mean/std preprocessing of a mid-grey image
     np.testing.assert_allclose(t.preprocess(x)[0, 0, 0], (0.5 - np.array([0.48145466, 0.4578275, 0.40821073]))
                                / np.array([0.26862954, 0.26130258, 0.27577711]), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ sharding / dtype
+def test_fsdp_shards_almost_all_parameter_bytes():
+    from unitok_jax.parallel import sharding as shd
+
+    mesh = shd.create_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    _, params = nnx.split(abstract_tokenflow("clipb_224"), nnx.Param)
+    shardings = shd.state_shardings(params, mesh, shd.resolve_rules("fsdp"))
+    assert shd.replicated_fraction(params, shardings) < 0.02
+
+
+def test_sharded_forward_equals_unsharded(micro, micro_out):
+    from unitok_jax.parallel import sharding as shd
+
+    x, (rec, aux, *_rest) = micro_out
+    mesh = shd.create_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    graphdef, params = nnx.split(micro, nnx.Param)
+    shardings = shd.state_shardings(params, mesh, shd.resolve_rules("fsdp_tensor"))
+    params = jax.device_put(params, shardings)
+    xs = jax.device_put(np.concatenate([x] * 4), shd.batch_sharding(mesh, 4))  # batch 8 over data x fsdp
+
+    @jax.jit
+    def fwd(params, x):
+        rec, aux = nnx.merge(graphdef, params)(x)
+        return rec, aux["indices"], aux["vq_loss"]
+
+    rec_s, idx_s, vq_s = jax.device_get(fwd(params, xs))
+    np.testing.assert_array_equal(idx_s, np.concatenate([aux["indices"]] * 4))
+    np.testing.assert_allclose(rec_s, np.concatenate([rec] * 4), atol=1e-4)
+    np.testing.assert_allclose(vq_s, aux["vq_loss"], rtol=1e-5)
+
+
+def test_bfloat16_compute_keeps_quantizer_in_float32():
+    cfg = dict(MICRO, dtype="bfloat16")
+    m = abstract_tokenflow(cfg)
+    assert m.encoder.conv_in.kernel.get_value().dtype == jnp.float32  # params stay fp32
+    rec, aux = nnx.eval_shape(lambda m, x: m(x), m, jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32))
+    assert aux["final_quantize"].dtype == jnp.float32 and aux["vq_loss"].dtype == jnp.float32
+    assert aux["sem_rec"].dtype == jnp.float32 and aux["indices"].dtype == jnp.int32
+    assert rec.shape == (2, 16, 16, 3)

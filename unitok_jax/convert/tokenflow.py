@@ -260,7 +260,8 @@ def apply_key_map(module, entries, ignored, sd: Mapping[str, np.ndarray], *, wha
     if missing:
         problems.append(f"missing {len(missing)} key(s): {missing[:20]}{' ...' if len(missing) > 20 else ''}")
     if unexpected and not ignore_unused:
-        problems.append(f"unexpected {len(unexpected)} key(s): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+        more = " ..." if len(unexpected) > 20 else ""
+        problems.append(f"unexpected {len(unexpected)} key(s): {unexpected[:20]}{more}")
     if problems:
         raise KeyError(f"{what} state dict does not match the config: " + "; ".join(problems))
     for tkeys, path, kind in entries:

@@ -75,7 +75,9 @@ class BeitDecoder(nnx.Module):
     ):
         self.grid = grid
         self.patch_embed = L.conv2d(in_chans, embed_dim, 1, padding=0, dtype=dtype, rngs=rngs)
-        self.cls_token = nnx.Param(L.trunc_normal_02(rngs.params(), (1, 1, embed_dim)), out_sharding=(None, None, ax.EMBED))
+        self.cls_token = nnx.Param(
+            L.trunc_normal_02(rngs.params(), (1, 1, embed_dim)), out_sharding=(None, None, ax.EMBED)
+        )
         self.pos_embed = nnx.Param(
             L.trunc_normal_02(rngs.params(), (1, grid * grid + 1, embed_dim)), out_sharding=(None, None, ax.EMBED)
         )

@@ -138,9 +138,10 @@ class CLIPViT(nnx.Module):
         self.conv1 = L.conv2d(3, w, p, stride=p, padding=0, use_bias=cfg.patch_bias, dtype=dtype, rngs=rngs)
         scale = w**-0.5  # OpenAI CLIP init
         n_pos = cfg.grid**2 + (1 if cfg.class_token else 0)
-        self.class_embedding = (
-            nnx.Param(scale * jax.random.normal(rngs.params(), (w,)), out_sharding=(ax.EMBED,)) if cfg.class_token else None
-        )
+        cls = None
+        if cfg.class_token:
+            cls = nnx.Param(scale * jax.random.normal(rngs.params(), (w,)), out_sharding=(ax.EMBED,))
+        self.class_embedding = cls  # (assign once: flax 0.12 refuses to turn a static None attribute into data)
         self.positional_embedding = nnx.Param(
             scale * jax.random.normal(rngs.params(), (n_pos, w)), out_sharding=(None, ax.EMBED)
         )

@@ -162,15 +162,21 @@ class MultiScaleResidualQuantizer(nnx.Module):
 class ResidualQuantizer(nnx.Module):
     """RQ baseline: `num_stages` codebooks applied depth-wise to the residual at each position.
 
-    `__call__(z [b, n, d]) -> (quant [b, n, d], aux)`; quant = z + sg(sum_i q_i - z) (straight-through).
-    aux (same contract as UniTok's MultiCodebookQuantizer): 'indices' int32 [b, k, n] with k = num_stages,
-    'vq_loss' = mean over stages of mean((q_i - sg r_i)^2) + beta * mean((sg q_i - r_i)^2) where
-    r_i = z - sg(sum_{j<i} q_j) (so the commitment term is RQ-VAE's cumulative one), 'codebook_counts' [k, K],
-    'codebook_usage' [k], 'codebook_perplexity' [k].
+    Drop-in for UniTok's `MultiCodebookQuantizer` (same call/encode/lookup surface and aux keys), so the MCQ-vs-RQ
+    ablation is one config switch; `ResidualQuantizer.from_mcq_args(k, K, d, ...)` quantises the whole k*d latent
+    with k stages instead of k chunks.
+
+    `__call__(z [b, n, dim]) -> (quant [b, n, dim], aux)`; quant = z + sg(sum_i q_i - z) (straight-through).
+    aux: 'indices' int32 [b, k, n] (k = num_stages); 'vq_loss' (= 'loss') = mean over stages of
+    mean((q_i - sg r_i)^2) + beta * mean((sg q_i - r_i)^2) with r_i = z - sg(sum_{j<i} q_j) (the commitment term is
+    RQ-VAE's cumulative one), 'loss_per_codebook' [k]; 'codebook_counts' (= 'counts') float32 [k, K];
+    'codebook_usage' (= 'usage') [k], fraction of entries with frequency > 0.01/K (MCQ's definition);
+    'codebook_perplexity' (= 'perplexity') [k]; 'z_normalized' (the quantised target), 'quant_lookup' (sum of
+    codes, no STE).
 
     `l2_norm=True` l2-normalises the input latent first (UniTok's MCQ works on normalised latents, so both
-    quantizers then see the same unit-norm targets); codebooks are plain Euclidean at every stage, because the
-    leftover residuals shrink and unit-norm rows could not represent them. Default False = plain RQ-VAE.
+    quantizers then see unit-norm targets); codebooks are plain Euclidean at every stage, because the leftover
+    residuals shrink and unit-norm rows could not represent them. Default False = plain RQ-VAE.
     """
 
     def __init__(
@@ -187,59 +193,85 @@ class ResidualQuantizer(nnx.Module):
         self.codebook_size = codebook_size
         self.dim = dim
         self.beta = float(beta)
-        self.l2_norm = l2_norm
+        self.l2_norm = bool(l2_norm)
         w = jax.random.uniform(rngs.params(), (num_stages, codebook_size, dim), jnp.float32,
                                -1.0 / codebook_size, 1.0 / codebook_size)
         self.codebooks = nnx.Param(w, out_sharding=(None, ax.CODEBOOK, None))
 
-    def _codebook(self, i):
-        return self.codebooks[...][i].astype(jnp.float32)
+    @classmethod
+    def from_mcq_args(cls, num_codebooks: int, codebook_size: int, codebook_dim: int, *, rngs: nnx.Rngs,
+                      beta: float = 0.25, l2_norm: bool = True) -> "ResidualQuantizer":
+        """Same arguments as `MultiCodebookQuantizer`: k stages over the full k*d latent."""
+        return cls(num_codebooks, codebook_size, num_codebooks * codebook_dim, beta=beta, l2_norm=l2_norm, rngs=rngs)
 
-    def lookup(self, indices: jax.Array) -> jax.Array:
-        """indices [b, k, n] -> summed code vectors [b, n, d]."""
-        out = 0.0
-        for i in range(self.num_stages):
-            out = out + self._codebook(i)[indices[:, i]]
-        return out
-
-    def __call__(self, z: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
-        del deterministic, rngs
+    def _prepare(self, z):
         b, n, d = z.shape
         if d != self.dim:
             raise ValueError(f"ResidualQuantizer expects dim {self.dim}, got {d}")
         z = z.astype(jnp.float32)
-        if self.l2_norm:
-            z = L.l2_normalize(z, -1)
+        return L.l2_normalize(z, -1) if self.l2_norm else z
+
+    def _assign(self, r, e):
+        """r [m, d] (no gradient needed), e [K, d] -> int32 [m] nearest rows in L2 (first index on ties)."""
+        r, e = jax.lax.stop_gradient(r), jax.lax.stop_gradient(e)
+        dist = jnp.sum(e * e, 1)[None] - 2.0 * jnp.einsum("md,kd->mk", r, e, precision=_HI)
+        return jnp.argmin(dist, axis=1).astype(jnp.int32)
+
+    def __call__(self, z: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+        del deterministic, rngs  # no randomness; accepted for interface symmetry
+        b, n, _ = z.shape
+        z = self._prepare(z)
+        d = self.dim
         r = z
         total = jnp.zeros_like(z)
-        idx_all, losses, counts, usage, ppl = [], [], [], [], []
+        idx_all, losses, counts = [], [], []
         for i in range(self.num_stages):
-            e = self._codebook(i)
-            flat = jax.lax.stop_gradient(r).reshape(-1, d)
-            dist = (
-                jnp.sum(flat * flat, 1, keepdims=True)
-                + jnp.sum(e * e, 1)[None]
-                - 2.0 * jnp.einsum("md,kd->mk", flat, jax.lax.stop_gradient(e), precision=_HI)
-            )
-            idx = jnp.argmin(dist, axis=1).astype(jnp.int32).reshape(b, n)
+            e = self.codebooks[...][i].astype(jnp.float32)
+            idx = self._assign(r.reshape(-1, d), e).reshape(b, n)
             q = e[idx]
-            losses.append(
-                jnp.mean(jnp.square(q - jax.lax.stop_gradient(r)))
-                + self.beta * jnp.mean(jnp.square(jax.lax.stop_gradient(q) - r))
-            )
+            losses.append(jnp.mean(jnp.square(q - jax.lax.stop_gradient(r)))
+                          + self.beta * jnp.mean(jnp.square(jax.lax.stop_gradient(q) - r)))
             total = total + q
             r = r - jax.lax.stop_gradient(q)
             idx_all.append(idx)
-            st = codebook_stats(idx, self.codebook_size)
-            counts.append(st["counts"])
-            usage.append(st["usage"])
-            ppl.append(st["perplexity"])
+            counts.append(jnp.zeros((self.codebook_size,), jnp.float32).at[idx.reshape(-1)].add(1.0))
+        counts = jnp.stack(counts)
+        p = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
+        usage = jnp.mean((p > 0.01 / self.codebook_size).astype(jnp.float32), axis=-1)
+        perplexity = jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1))
+        loss_k = jnp.stack(losses)
         quant = z + jax.lax.stop_gradient(total - z)
         aux = {
             "indices": jnp.stack(idx_all, axis=1),
-            "vq_loss": jnp.mean(jnp.stack(losses)),
-            "codebook_counts": jnp.stack(counts),
-            "codebook_usage": jnp.stack(usage),
-            "codebook_perplexity": jnp.stack(ppl),
+            "vq_loss": jnp.mean(loss_k),
+            "loss_per_codebook": loss_k,
+            "codebook_counts": counts,
+            "codebook_usage": usage,
+            "codebook_perplexity": perplexity,
+            "z_normalized": z,
+            "quant_lookup": total,
         }
+        aux.update(loss=aux["vq_loss"], counts=counts, usage=usage, perplexity=perplexity)  # MCQ key names
         return quant, aux
+
+    def encode(self, z: jax.Array) -> jax.Array:
+        """z [b, n, dim] -> indices [b, k, n] int32 (no loss, no STE)."""
+        b, n, _ = z.shape
+        r = jax.lax.stop_gradient(self._prepare(z)).reshape(-1, self.dim)
+        out = []
+        for i in range(self.num_stages):
+            e = self.codebooks[...][i].astype(jnp.float32)
+            idx = self._assign(r, e)
+            r = r - e[idx]
+            out.append(idx.reshape(b, n))
+        return jnp.stack(out, axis=1)
+
+    def lookup(self, indices: jax.Array) -> jax.Array:
+        """indices [b, k, n] -> summed code vectors [b, n, dim]."""
+        if indices.shape[1] != self.num_stages:
+            raise ValueError(f"indices have {indices.shape[1]} stages on axis 1, expected {self.num_stages}")
+        cb = self.codebooks[...].astype(jnp.float32)
+        out = 0.0
+        for i in range(self.num_stages):
+            out = out + cb[i][indices[:, i]]
+        return out

@@ -21,12 +21,12 @@ _HI = jax.lax.Precision.HIGHEST
 
 
 def codebook_stats(indices: jax.Array, codebook_size: int, valid: jax.Array | None = None) -> dict:
-    """counts [K] (int32), usage = fraction of entries hit, perplexity = exp(entropy of the hit histogram)."""
+    """counts [K] (float32, like UniTok's MCQ), usage = fraction of entries hit at least once, perplexity =
+    exp(entropy of the hit histogram). `valid` masks out entries (dropped scales)."""
     flat = indices.reshape(-1)
-    w = jnp.ones_like(flat, jnp.int32) if valid is None else valid.reshape(-1).astype(jnp.int32)
-    counts = jnp.zeros((codebook_size,), jnp.int32).at[jnp.clip(flat, 0, codebook_size - 1)].add(w)
-    total = jnp.maximum(jnp.sum(counts), 1).astype(jnp.float32)
-    p = counts.astype(jnp.float32) / total
+    w = jnp.ones(flat.shape, jnp.float32) if valid is None else valid.reshape(-1).astype(jnp.float32)
+    counts = jnp.zeros((codebook_size,), jnp.float32).at[jnp.clip(flat, 0, codebook_size - 1)].add(w)
+    p = counts / jnp.maximum(jnp.sum(counts), 1.0)
     entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
     return {
         "counts": counts,

@@ -30,7 +30,6 @@ from unitok_jax.models.clip_vit import CLIPViT, TaskLayer, ViTConfig
 from unitok_jax.models.residual_quantizer import MultiScaleResidualQuantizer
 from unitok_jax.models.shared_quantizer import SharedDualCodebookQuantizer
 from unitok_jax.models.vqgan_cnn import Decoder, Encoder
-from unitok_jax.parallel import logical_axes as ax
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +274,8 @@ class TokenFlow(nnx.Module):
         pd = cfg["pixel_decoder"]
         self.post_quant_conv = L.conv2d(q["pixel_dim"], pd["z_channels"], 1, padding=0, dtype=dtype, rngs=rngs)
         self.decoder = Decoder(ch=pd["ch"], ch_mult=tuple(pd["ch_mult"]), num_res_blocks=pd["num_res_blocks"],
-                               z_channels=pd["z_channels"], attn_at_coarsest_level=pd.get("attn_at_coarsest_level", True),
+                               z_channels=pd["z_channels"],
+                               attn_at_coarsest_level=pd.get("attn_at_coarsest_level", True),
                                dtype=dtype, rngs=rngs)
 
     # -- properties ------------------------------------------------------------------------------------------
@@ -437,7 +437,7 @@ def abstract_tokenflow(cfg: Mapping[str, Any] | str) -> TokenFlow:
 def numpy_fill_(module: nnx.Module, seed: int = 0) -> nnx.Module:
     """Fill every Param of `module` (abstract or not) in place from a host numpy RNG: fast, for tests and smoke
     runs, NOT the official init distributions. Kernels ~ N(0, 1/fan_in), norm scales 1 + 0.1 N, codebook rows
-    N(0, 1), positional/class tables 0.02 N, other vectors (biases) 0.05 N, 2-d raw matrices (CLIP proj) N(0, 1/rows)."""
+    N(0, 1), positional/class tables 0.02 N, other vectors (biases) 0.05 N, CLIP `proj` N(0, 1/rows)."""
     rng = np.random.default_rng(seed)
     _, params = nnx.split(module, nnx.Param)
     for path, var in nnx.to_flat_state(params):
