@@ -79,7 +79,9 @@ def test_fixture_state_dict_round_trip(tiny):
         np.testing.assert_array_equal(back[k], v, err_msg=k)
     # The same weights through a scanned model: same official dict.
     scanned = load_unitok(sd, cfg, scan_blocks=True)
-    assert scanned.encoder.blocks.scan and scanned.encoder.blocks.layers.attn.qkv.kernel.shape == (2, 128, 384)
+    qkv = scanned.encoder.blocks.layers.attn.qkv.kernel
+    assert scanned.encoder.blocks.scan and qkv.shape == (2, 128, 384)
+    assert qkv.get_metadata()["out_sharding"] == (None, "embed", "heads")  # converter keeps logical axes
     back = to_official_state_dict(scanned)
     for k, v in sd.items():
         np.testing.assert_array_equal(back[k], v, err_msg=k)

@@ -76,21 +76,21 @@ class MultiCodebookQuantizer(nnx.Module):
             raise ValueError(f"quantizer input has {c} channels, expected num_codebooks*codebook_dim = {k}*{d}")
         return z.astype(jnp.float32).reshape(b * n, k, d).transpose(1, 0, 2)
 
-    def _assign(self, zk, ck):
-        """One codebook: zk (m, d) raw chunk, ck (K, d) raw rows → (idx (m,), q (m, d), ẑ (m, d), counts (K,))."""
+    def _assign(self, zk, cn):
+        """One codebook: zk (m, d) raw chunk, cn (K, d) normalised rows → (idx (m,), q (m, d), ẑ (m, d), counts (K,))."""
         zn = self._norm(zk)
-        cn = self._norm(ck)
         sim = jnp.dot(sg(zn), sg(cn).T, precision=HIGHEST)  # (m, K): the only large temporary
         if not self.l2_norm:  # nearest neighbour in L2: argmax of 2 z·c − |c|²
             sim = 2.0 * sim - jnp.sum(jnp.square(sg(cn)), axis=-1)[None, :]
         idx = jnp.argmax(sim, axis=-1).astype(jnp.int32)  # first index on ties, like torch.argmax
         q = jnp.take(cn, idx, axis=0)
-        counts = jnp.zeros((ck.shape[0],), jnp.float32).at[idx].add(1.0)
+        counts = jnp.zeros((cn.shape[0],), jnp.float32).at[idx].add(1.0)
         return idx, q, zn, counts
 
     def _assign_all(self, z):
         zs = self._split(z)
-        return jax.lax.map(lambda args: self._assign(*args), (zs, self.codebooks[...]))
+        # Rows are normalised once for all codebooks (k·K·d is small); the (m, K) similarity is per codebook.
+        return jax.lax.map(lambda args: self._assign(*args), (zs, self.normalized_codebooks()))
 
     # -- public API ----------------------------------------------------------------------------------------------
     def __call__(self, z: jax.Array):
