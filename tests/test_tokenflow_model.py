@@ -253,6 +253,13 @@ def test_presets_match_spec(name, tokens, params, counts):
     for prefix, n in counts.items():
         assert got[prefix] == n, (prefix, got[prefix], n)
     assert got["quantize"] == 2 and got["encode_task_layer"] == got["decode_task_layer"] == 4
+    # abstract forward: shapes of spec §1 (siglip: pixel CNN at 432, reconstruction resized back to 384)
+    res = m.cfg["image_size"]
+    rec, aux = nnx.eval_shape(lambda m, x: m(x), m, jax.ShapeDtypeStruct((2, res, res, 3), jnp.float32))
+    g = m.scales[-1]
+    assert rec.shape == (2, res, res, 3) and aux["indices"].shape == (2, tokens)
+    assert aux["final_quantize"].shape == (2, g, g, 40)
+    assert aux["sem_rec"].shape == (2, g * g, m.cfg["decode_task_layer"]["out"])
 
 
 def test_config_errors_and_recipes():
