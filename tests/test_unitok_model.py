@@ -249,6 +249,8 @@ def test_presets_and_config_validation():
     bad(lambda c: c.update(remat="some"), r"remat must be one of")
     bad(lambda c: c["encoder"].pop("vit_depth"), r"missing field 'encoder\.vit_depth'")
     bad(lambda c: c.update(image_size=70), r"image_size=70 must be divisible by 16")
+    bad(lambda c: c["encoder"].update(vit_dept=3), r"unknown field 'encoder\.vit_dept'")
+    bad(lambda c: c.update(scan=True), r"unknown field 'scan'")
 
 
 def test_registry():

@@ -109,6 +109,33 @@ def normalize_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_c
     return out
 
 
+# Every accepted field (optional ones included); anything else is reported as a likely typo.
+SCHEMA = {
+    "": {"image_size", "encoder", "quant_proj", "quantizer", "post_quant_proj", "decoder", "clip", "text",
+         *EXTRA_DEFAULTS},
+    "encoder": {"stem_width", "stage_widths", "stage_depths", "mbconv_expand_ratio", "vit_width", "vit_depth",
+                "vit_heads", "mlp", "mlp_ratio", "pos_embed"},
+    "quant_proj": {"in_dim", "out_dim", "heads", "head_reduction", "causal"},
+    "post_quant_proj": {"in_dim", "out_dim", "heads", "head_reduction", "causal"},
+    "quantizer": {"num_codebooks", "codebook_size", "codebook_dim", "beta", "l2_norm"},
+    "decoder": {"vit_width", "vit_depth", "vit_heads", "channel_table", "inv_mbconv_depths", "mbconv_expand_ratio",
+                "mlp_ratio"},
+    "clip": {"embed_dim", "logit_scale_max"},
+    "text": {"width", "layers", "heads", "context_length", "vocab_size", "causal", "pool", "mlp_ratio"},
+}
+
+
+def _check_fields(cfg) -> None:
+    for block, allowed in SCHEMA.items():
+        node = cfg if not block else cfg.get(block)
+        if node is None:
+            continue
+        for key in node.keys():
+            if key not in allowed:
+                where = f"{block}.{key}" if block else key
+                raise ValueError(f"model config: unknown field {where!r}; allowed: {sorted(allowed)}")
+
+
 def _req(cfg, path: str):
     node = cfg
     for part in path.split("."):
@@ -124,6 +151,8 @@ def validate_config(cfg) -> None:
 
     def fail(msg):
         raise ValueError(f"model config: {msg}")
+
+    _check_fields(cfg)
 
     for path in ("image_size", "encoder.stem_width", "encoder.vit_width", "encoder.vit_depth", "encoder.vit_heads",
                  "quantizer.num_codebooks", "quantizer.codebook_size", "quantizer.codebook_dim",
