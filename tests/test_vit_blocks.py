@@ -95,7 +95,7 @@ def test_remat_gives_same_gradients():
 
     @nnx.jit
     def all_grads(variants):  # one compile for all six
-        grad = lambda st: nnx.grad(lambda s: jnp.sum(jnp.sin(s(x))))(st)  # noqa: E731
+        grad = lambda st: nnx.grad(lambda s: jnp.sum(jnp.sin(s(x)[0])))(st)  # noqa: E731
         return {k: (grad(loop), grad(scan)) for k, (loop, scan) in variants.items()}
 
     g = all_grads(variants)
@@ -123,8 +123,8 @@ def test_drop_path_rates_and_determinism():
 
     @nnx.jit
     def run(stack, x):
-        train = [stack(x, deterministic=False, rngs=nnx.Rngs(dropout=s)) for s in (7, 7, 8)]
-        return stack(x), stack(x, deterministic=True), train
+        train = [stack(x, deterministic=False, rngs=nnx.Rngs(dropout=s))[0] for s in (7, 7, 8)]
+        return stack(x)[0], stack(x, deterministic=True)[0], train
 
     for stack in (loop, scan):
         y_eval, y_det, (y1, y2, y3) = run(stack, x)

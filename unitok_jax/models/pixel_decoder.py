@@ -138,7 +138,8 @@ class PixelDecoder(nnx.Module):
             grid_hw = (g, g)
         h, w = grid_hw
         inter = {}
-        x, outs = self.blocks(tokens.astype(self.dtype), deterministic=deterministic, rngs=rngs, return_all=True)
+        x, outs = self.blocks(tokens.astype(self.dtype), deterministic=deterministic, rngs=rngs,
+                              return_all=return_intermediates)  # no stacked per-block outputs in training
         for i, o in enumerate(outs):
             inter[f"dec_block{i}"] = o
         x = self.norm(x)

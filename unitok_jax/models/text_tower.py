@@ -120,7 +120,7 @@ class TextTransformer(nnx.Module):
         x = self.token_embedding(ids)
         inter["text_token_emb"] = x
         x = x + self.positional_embedding[...][:t].astype(x.dtype)
-        x, outs = self.resblocks(x, return_all=True)
+        x, outs = self.resblocks(x, return_all=return_intermediates)
         for i, o in enumerate(outs):
             inter[f"text_block{i}"] = o
         x = self.ln_final(x)

@@ -201,9 +201,9 @@ class BlockStack(nnx.Module):
         rngs: nnx.Rngs | None = None,
         return_all: bool = False,
     ):
-        """Returns x, or (x, [output of each block]) when return_all."""
+        """Returns (x, [output of each block] if return_all else [])."""
         if self.depth == 0:
-            return (x, []) if return_all else x
+            return x, []
         use_drop = (not deterministic) and self.drop_path_rate > 0.0
         if use_drop and rngs is None:
             raise ValueError("drop_path_rate > 0 with deterministic=False needs rngs (a 'dropout' stream)")
@@ -231,12 +231,10 @@ class BlockStack(nnx.Module):
                     out_axes=(nnx.Carry, 0),
                 )
                 x, ys = f(x, self.layers, rates)
-            if return_all:
-                return x, [ys[i] for i in range(self.depth)]
-            return x
+            return x, ([ys[i] for i in range(self.depth)] if return_all else [])
 
         outs = []
         for i, block in enumerate(self.layers):
             x = call(block, x, self.drop_rates[i], keys[i] if use_drop else None)
             outs.append(x)
-        return (x, outs) if return_all else x
+        return x, (outs if return_all else [])

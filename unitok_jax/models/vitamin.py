@@ -140,7 +140,7 @@ class ViTaminEncoder(nnx.Module):
         inter["enc_pool"] = x
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)  # row-major: token n = row·w + col
-        x, outs = self.blocks(x, deterministic=deterministic, rngs=rngs, return_all=True)
+        x, outs = self.blocks(x, deterministic=deterministic, rngs=rngs, return_all=return_intermediates)
         for i, o in enumerate(outs):
             inter[f"enc_block{i}"] = o
         x = self.norm(x)
