@@ -38,9 +38,19 @@ def _optimizer(lr: float, b1: float, b2: float, weight_decay: float, warmup: flo
 
 
 def _tiny_model() -> ml_collections.ConfigDict:
+    """A CPU-sized UniTok with the paper's topology (conv stem + MBConv + ViT, MCQ, attention projections,
+    InvMBConv up-sampler, text tower); widths chosen so the README command trains in minutes on 2 cores."""
     from unitok_jax.models.unitok import model_config
 
     model = ml_collections.ConfigDict(model_config("tiny"))
+    model.image_size = 64
+    model.encoder.update(dict(stem_width=16, stage_widths=(16, 32), stage_depths=(1, 2), vit_width=64, vit_depth=2, vit_heads=4))
+    model.quant_proj.update(dict(in_dim=64, out_dim=16, heads=4))
+    model.quantizer.update(dict(num_codebooks=4, codebook_size=64, codebook_dim=4))
+    model.post_quant_proj.update(dict(in_dim=16, out_dim=64, heads=4))
+    model.decoder.update(dict(vit_width=64, vit_depth=2, vit_heads=4, channel_table=(64, 32, 16), inv_mbconv_depths=(2, 1),
+                              mbconv_expand_ratio=2))
+    model.clip.embed_dim = 32
     model.text = ml_collections.ConfigDict(dict(
         width=64, layers=2, heads=4, context_length=32, vocab_size=259, causal=True, pool="argmax_eot"))
     return model
@@ -88,11 +98,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.drop_path_rate = 0.0
         c.model.remat = "none"
         c.model.scan_blocks = False
-        c.total_steps = 1200
-        c.ckpt_every_steps = 300
+        c.total_steps = 1000
+        c.ckpt_every_steps = 250
         c.log_every_steps = 25
-        c.image_every_steps = 300
-        c.global_batch_size = 32
+        c.image_every_steps = 250
+        c.global_batch_size = 16
         c.optimizer.lr = 1e-3
         c.optimizer.warmup = 0.03
         c.disc_optimizer.lr = 1e-4

@@ -54,6 +54,8 @@ def initialize_distributed() -> None:
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # Orbax/Grain log every save at INFO; keep the console readable
+        logging.set_verbosity(logging.WARNING)
     initialize_distributed()
     from unitok_jax.train import trainer
 

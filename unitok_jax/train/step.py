@@ -48,7 +48,7 @@ class StepContext:
     gan_start_step: int = 0
     gan_ramp_steps: int = 0
     logit_scale_max: float = 4.605170185988092
-    adaptive_layer: str = "decoder.up_conv4.conv2"
+    adaptive_layer: str = "last_decoder_conv"  # property of UniTok: decoder.up_conv4.conv2
     disc_graphdef: Any = None
     disc_tx: optax.GradientTransformation | None = None
     lpips_graphdef: Any = None
