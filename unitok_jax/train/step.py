@@ -100,7 +100,9 @@ def generator_loss(params, state: TrainState, frozen, batch, keys, ctx: StepCont
     """Total generator loss and its metrics. `keys`: dict of PRNG keys for this step."""
     w = ctx.weights
     images = batch["image"].astype(jnp.float32)
-    model = nnx.merge(ctx.model_graphdef, params, frozen["model_rest"])
+    # copy=True: fresh Variables at this trace level; reusing the jit-level ones makes nnx.reseed below fail with
+    # TraceContextError inside value_and_grad (every config with drop_path_rate > 0).
+    model = nnx.merge(ctx.model_graphdef, params, frozen["model_rest"], copy=True)
     if ctx.model_has_rngs:
         nnx.reseed(model, dropout=keys["model"])
     rec, aux = model(images, batch.get("text"), deterministic=False)
