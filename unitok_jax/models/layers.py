@@ -149,4 +149,5 @@ def drop_path(x: jax.Array, rate: float, *, deterministic: bool, rngs: nnx.Rngs 
         return x
     keep = 1.0 - rate
     mask = jax.random.bernoulli(rngs.dropout(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    # Cast back: a traced float32 `rate` would otherwise promote bf16 activations (and break scan carries).
+    return jnp.where(mask, (x / keep).astype(x.dtype), jnp.zeros_like(x))
