@@ -1,0 +1,92 @@
+"""Evaluate a tokenizer checkpoint: reconstruction (PSNR/SSIM/LPIPS/codebook usage), rFID/IS, zero-shot + retrieval.
+
+    python -m unitok_jax.evaluate --config=configs/unitok.py:tiny --checkpoint=runs/tiny \\
+        --evals=recon,fid,zeroshot --output=runs/tiny/eval/report.json
+
+--checkpoint: a run workdir (latest step), its checkpoints/ dir, a step dir, a step number (with --workdir), or an
+official UniTok weight file (.pth through the converter; .npz {official key: array}). The model is built from the
+config saved with our checkpoints; --config supplies the data and `eval.*` settings (optional for our checkpoints:
+the saved training config is used when it is omitted). Any field can be overridden, e.g.
+    --config.eval.fid.inception_path=/weights/pt_inception-2015-12-05-6726825d.pth
+    --config.eval.fid.reference_stats=/cache/embedded_eval_stats.npz
+    --config.eval.zeroshot.data_files=/data/imagenette_ar --config.eval.zeroshot.class_names=imagenet
+    --config.eval.num_batches=10
+
+Writes a JSON report with flat keys (recon/psnr, recon/ssim, recon/usage, zeroshot/top1, zeroshot/chance,
+fid/rfid, ...; an eval that cannot run has <name>/skipped with the reason), a reconstruction grid next to it, and
+prints both. Multi-process (pods / several GPU hosts): add --distributed; every process runs the same command.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/unitok.py:tiny (data + eval settings).",
+                                          lock_config=False)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run workdir, checkpoints dir, step dir, step number, or official .pth/.npz.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory, when --checkpoint is a step number.")
+_EVALS = flags.DEFINE_string("evals", None, "Comma-separated evals: recon,fid,zeroshot (default: config.eval.names).")
+_OUTPUT = flags.DEFINE_string("output", None, "Path of the JSON report (default: <checkpoint run>/eval/report_step<N>.json).")
+_NUM_BATCHES = flags.DEFINE_integer("num_batches", None, "Limit the number of eval batches (default: config.eval.num_batches, 0 = all).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process runs).")
+flags.mark_flags_as_required(["checkpoint"])
+
+
+def _default_output(checkpoint_path: str, step) -> str:
+    if os.path.isfile(checkpoint_path):
+        base = os.path.splitext(os.path.basename(checkpoint_path))[0]
+        return os.path.join(os.path.dirname(checkpoint_path), f"{base}_eval", "report.json")
+    run = os.path.dirname(os.path.dirname(checkpoint_path))  # <run>/checkpoints/<step>
+    return os.path.join(run, "eval", f"report_step{step}.json")
+
+
+def evaluate(config, checkpoint: str, *, workdir: str | None = None, evals: str | None = None,
+             output: str | None = None, num_batches: int | None = None) -> dict:
+    """Library form of the CLI: load, run, write the report (and grid) and return the report dict."""
+    import jax
+
+    from unitok_jax.evals import runner
+
+    path = runner.resolve_checkpoint(checkpoint, workdir)
+    if config is None:
+        if os.path.isfile(path):
+            raise ValueError("an official weight file needs --config (data and eval settings)")
+        config = runner.checkpoint_config(path)
+        if config is None:
+            raise ValueError(f"{path} has no saved config: pass --config")
+    model, step = runner.load_model_from_checkpoint(config, path)
+    output = output or _default_output(path, step)
+    report = runner.run_evals(config, model, evals, step=step, output_dir=os.path.dirname(os.path.abspath(output)),
+                              num_batches=num_batches)
+    report["meta/checkpoint"] = path
+    report["meta/evals"] = ",".join(runner.parse_names(evals if evals is not None else runner.eval_config(config).names))
+    report["meta/variant"] = str(config.get("variant", ""))
+    report["meta/process_count"] = jax.process_count()
+    runner.write_report(report, output)
+    report["meta/output"] = output
+    return report
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    import jax
+
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    from unitok_jax.evals import runner
+
+    report = evaluate(_CONFIG.value, _CHECKPOINT.value, workdir=_WORKDIR.value, evals=_EVALS.value,
+                      output=_OUTPUT.value, num_batches=_NUM_BATCHES.value)
+    if jax.process_index() == 0:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        print(f"[unitok_jax] {runner.summary_line(report)}")
+        print(f"[unitok_jax] report written to {report['meta/output']}")
+
+
+if __name__ == "__main__":
+    app.run(main)
