@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from unitok_jax import config_lib
 from unitok_jax.parallel import sharding as shd
-from unitok_jax.train import checkpointing, metric_writers, optimizers, perf
+from unitok_jax.train import checkpointing, flops, metric_writers, optimizers, perf
 from unitok_jax.train import step as step_lib
 from unitok_jax.train.state import TrainState, initial_counters
 from unitok_jax.train.validation import validate_config
@@ -249,6 +249,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     timers = perf.TimeBuckets()
     components = build_components(config)
+    flops_meter = flops.FlopsMeter(config, jax.devices())  # perf/tflops_per_device, perf/mfu
     mesh = components.mesh
     writer = metric_writers.MetricWriter(workdir)
     logging.info("model %s: %.2f M trainable generator params; mesh %s", config.model_name, components.param_count / 1e6, dict(mesh.shape))
@@ -307,6 +308,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 scalars["perf/images_per_sec"] = window_steps * config.global_batch_size / elapsed
                 scalars["perf/images_per_sec_per_device"] = scalars["perf/images_per_sec"] / jax.device_count()
                 scalars["perf/steps_per_sec"] = window_steps / elapsed
+                scalars.update(flops_meter.metrics(scalars["perf/steps_per_sec"], gan_active))
                 scalars["data/skipped"] = _host_sum(skipped_total)
                 scalars["train/lr"] = float(optimizers.learning_rate(config.optimizer, config.total_steps, step))
                 scalars.update(timers.as_metrics())
