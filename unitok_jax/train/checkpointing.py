@@ -1,8 +1,18 @@
 """Orbax checkpoints of the train state, the Grain iterator state and the config, saved together.
 
 Resume order (DESIGN.md): checkpoint in the workdir → explicit `resume_from` → `init_from` (params only) → scratch.
-A damaged latest checkpoint (truncated, partially written) is skipped with a warning and the previous good one
-is used, instead of crashing or silently starting from scratch.
+
+Damage policy (`Checkpointer.restore_latest_good`):
+- A save interrupted by a kill leaves an Orbax `<step>.orbax-checkpoint-tmp*` directory: it is never listed as a
+  step and is deleted when the next manager opens the directory (`cleanup_tmp_directories`).
+- A step directory without its `commit_success.txt` marker (written last, just before the atomic rename / commit)
+  counts as uncommitted, and one that fails to restore (truncated or missing array files, unreadable metadata,
+  missing item) as damaged. Both are skipped newest-first with a warning; once an older step restores, the skipped
+  ones are moved to `<directory>.damaged/` (kept for inspection, out of the way of re-saving those steps).
+- If checkpoints exist but none restores, `RestoreError` is raised and nothing is moved: silently restarting
+  from scratch would overwrite a run's history (and a config whose shapes no longer match the checkpoints
+  lands here too). Move the directory away to really start over.
+- Not detected: bit flips inside array files (OCDBT stores no checksums); they restore as wrong values.
 """
 from __future__ import annotations
 
@@ -13,12 +23,22 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 import grain
 
 
 class RestoreError(RuntimeError):
     pass
+
+
+# Orbax writes this file last, right before the atomic rename (local disks) or as the commit (GCS).
+COMMIT_MARKER = "commit_success.txt"
+
+
+def _short(e: Exception, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def abstract_with_shardings(abstract_tree, shardings):
@@ -29,9 +49,14 @@ def abstract_with_shardings(abstract_tree, shardings):
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` with items 'state', 'data' (Grain iterator) and 'config'."""
 
-    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False):
+        """`read_only`: another run's directory (`resume_from`): nothing there is cleaned up, moved or written."""
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
+        self.read_only = read_only
+        # cleanup_tmp_directories: a save killed half-way leaves '<step>.orbax-checkpoint-tmp*'; drop it on open.
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                               create=not read_only, read_only=read_only,
+                                               cleanup_tmp_directories=not read_only)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
@@ -63,17 +88,72 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
 
+    def step_dirs(self) -> list[int]:
+        """Steps Orbax lists plus any other all-digit directory (so nothing damaged is silently ignored)."""
+        steps = set(self.manager.all_steps())
+        root = epath.Path(self.directory)
+        if root.exists():
+            steps.update(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+        return sorted(steps)
+
+    def is_committed(self, step: int) -> bool:
+        return (epath.Path(self.directory) / str(step) / COMMIT_MARKER).exists()
+
     def restore_latest_good(self, abstract_state, data_iterator=None, on_damaged: Callable[[int, Exception], None] | None = None):
-        """Try checkpoints newest first; return (step, state) of the first that restores, or (None, None)."""
-        for step in reversed(self.all_steps()):
+        """Newest restorable checkpoint as (step, state); (None, None) if the directory holds no checkpoint at all.
+
+        Uncommitted or damaged newer steps are skipped with a warning (and moved aside once an older one restores);
+        raises `RestoreError` if there are checkpoints but none restores. See the module docstring.
+        """
+        skipped: list[tuple[int, Exception]] = []
+        for step in reversed(self.step_dirs()):
             try:
-                return step, self.restore(step, abstract_state, data_iterator)
-            except Exception as e:  # damaged: truncated file, missing item, bad metadata, ...
-                logging.warning("checkpoint at step %d in %s is damaged (%s: %s); falling back to the previous one",
-                                step, self.directory, type(e).__name__, e)
+                if not self.is_committed(step):
+                    raise RestoreError(f"no {COMMIT_MARKER}: the save of step {step} never completed")
+                state = self.restore(step, abstract_state, data_iterator)
+            except Exception as e:  # damaged: truncated file, missing item, bad metadata, uncommitted, ...
+                logging.warning("checkpoint at step %d in %s is damaged (%s: %s); trying the previous one",
+                                step, self.directory, type(e).__name__, _short(e))
+                skipped.append((step, e))
                 if on_damaged:
                     on_damaged(step, e)
+                continue
+            if skipped and not self.read_only:
+                self._move_aside([s for s, _ in skipped])
+                logging.warning("resuming from step %d in %s; damaged newer checkpoint(s) %s moved to %s",
+                                step, self.directory, [s for s, _ in skipped], self.damaged_directory)
+            return step, state
+        if skipped:
+            details = "; ".join(f"step {s}: {type(e).__name__}: {_short(e)}" for s, e in skipped)
+            raise RestoreError(
+                f"none of the {len(skipped)} checkpoint(s) in {self.directory} can be restored ({details}). Refusing to "
+                f"start from scratch over them: if the run's config changed, restore it; to really start over, move "
+                f"{self.directory} away (or point the run at a new --workdir)."
+            )
         return None, None
+
+    @property
+    def damaged_directory(self) -> str:
+        return self.directory.rstrip("/") + ".damaged"
+
+    def _move_aside(self, steps: list[int]) -> None:
+        """Moves skipped step dirs out of the manager's directory (process 0; every process waits for it)."""
+        if jax.process_index() == 0:
+            target_root = epath.Path(self.damaged_directory)
+            target_root.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                source = epath.Path(self.directory) / str(step)
+                if not source.exists():
+                    continue
+                target, n = target_root / str(step), 1
+                while target.exists():
+                    target, n = target_root / f"{step}.{n}", n + 1
+                source.rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("unitok_jax_checkpoint_move_aside")
+        self.manager.reload()
 
     def restore_config(self, step: int) -> dict:
         path = os.path.join(self.directory, str(step), "config", "metadata")

@@ -207,15 +207,25 @@ def jit_train_steps(components: Components, batch_shardings) -> dict[bool, Any]:
 
 
 class _StopSignal:
-    """SIGTERM (preemption notice) sets a flag; the loop finishes the step, checkpoints and exits cleanly."""
+    """SIGTERM (preemption notice) sets a flag; the loop finishes the step, checkpoints and exits cleanly.
+
+    Single process only. With several processes JAX's preemption service (on by default after
+    jax.distributed.initialize) owns SIGTERM and `reached_preemption_sync_point` makes every host stop at the same
+    step; a Python handler would replace its notifier and a flag seen by one host alone would deadlock the
+    collective checkpoint, so none is installed there.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._installed = False
 
     def install(self):
+        if jax.process_count() > 1:
+            return
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
         except ValueError:  # not in the main thread (e.g. some test runners)
             self._previous = None
 
@@ -224,8 +234,9 @@ class _StopSignal:
         logging.warning("received signal %d: will checkpoint after this step and exit", signum)
 
     def uninstall(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
 
 
 def _preemption_reached(step: int) -> bool:
@@ -241,43 +252,66 @@ def _host_sum(value: int) -> int:
     return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
 
 
+def _console(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"[unitok_jax] {message}", flush=True)
+
+
+def _nonfinite_error(count: int, step: int, limit: int, checkpointer) -> NonFiniteError:
+    last = checkpointer.latest_step()
+    kept = f"the last good checkpoint (step {last}) is kept in {checkpointer.directory}" if last is not None else \
+        "no checkpoint had been written yet"
+    return NonFiniteError(
+        f"{count} consecutive steps up to step {step} had non-finite loss or gradients (their updates were not "
+        f"applied); stopping at config.max_consecutive_nonfinite={limit}. No checkpoint is written during such a "
+        f"streak: {kept}. Check the data and the learning rate, then rerun to resume from it.")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train (or resume) the run in `workdir`. Returns a summary with first/last logged metrics."""
+    """Train (or resume) the run in `workdir`. Returns a summary with first/last logged metrics.
+
+    Reliability contract (tests/test_reliability_*.py): rerunning after a kill resumes bit-exactly from the newest
+    good checkpoint (state + Grain iterator; per-step RNG = fold_in(rng, step)); SIGTERM / a multi-host preemption
+    sync point → finish the step, checkpoint, wait for async saves, return normally; `max_consecutive_nonfinite`
+    non-finite steps in a row → `NonFiniteError`, and no checkpoint is ever written while such a streak is running.
+    """
     from unitok_jax.data import pipeline
 
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
     timers = perf.TimeBuckets()
     components = build_components(config)
-    flops_meter = flops.FlopsMeter(config, jax.devices())  # perf/tflops_per_device, perf/mfu
     mesh = components.mesh
-    writer = metric_writers.MetricWriter(workdir)
+    max_nonfinite = int(config.max_consecutive_nonfinite)
     logging.info("model %s: %.2f M trainable generator params; mesh %s", config.model_name, components.param_count / 1e6, dict(mesh.shape))
 
     loader = pipeline.make_train_loader(config.data, global_batch_size=config.global_batch_size, seed=config.seed)
     data_iter = iter(loader)
+    writer = metric_writers.MetricWriter(workdir)
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
                                               async_save=config.async_checkpointing)
     abstract = checkpointing.abstract_with_shardings(components.abstract_state, components.state_shardings)
-
-    with timers("restore"):
-        state, start_step, origin = _restore_or_init(config, components, checkpointer, abstract, data_iter)
-    frozen = components.init_frozen()
-    if jax.process_index() == 0:
-        print(f"[unitok_jax] {origin}; training steps {start_step} → {config.total_steps}", flush=True)
-
-    batch_sh = None
-    steps = None
-    progress = metric_writers.ProgressLine(config.total_steps, start_step)
-    preview = _preview_batch(config, mesh)
-    reconstruct = jax.jit(functools.partial(_reconstruct, graphdef=components.ctx.model_graphdef))
+    # Installed before restore and compilation: a preemption notice during them still ends in a checkpoint.
     stop = _StopSignal()
     stop.install()
-    skipped_total, images_seen, window_start, window_steps = 0, 0, time.time(), 0
     first_metrics = last_metrics = None
-    pending_counter = None
-    step = start_step
+    start_step = step = 0
+    origin = "not started"
     try:
+        with timers("restore"):
+            state, start_step, origin = _restore_or_init(config, components, checkpointer, abstract, data_iter)
+        frozen = components.init_frozen()
+        _console(f"{origin}; training steps {start_step} → {config.total_steps}")
+
+        batch_sh = None
+        steps = None
+        progress = metric_writers.ProgressLine(config.total_steps, start_step)
+        preview = _preview_batch(config, mesh)
+        reconstruct = jax.jit(functools.partial(_reconstruct, graphdef=components.ctx.model_graphdef))
+        skipped_total, images_seen, window_start, window_steps = 0, 0, time.time(), 0
+        pending_counter = None
+        checkpoint_due = False  # a periodic checkpoint postponed by a non-finite streak
+        step = start_step
         while step < config.total_steps:
             with timers("data_wait"):
                 local = next(data_iter)
@@ -295,11 +329,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             images_seen += config.global_batch_size
 
             # Non-finite guard: read the previous step's counter (one-step lag keeps the device busy).
-            if pending_counter is not None and int(pending_counter) >= config.max_consecutive_nonfinite:
-                raise NonFiniteError(
-                    f"{int(pending_counter)} consecutive steps up to step {step - 1} had non-finite loss or gradients; "
-                    f"stopping. The last good checkpoint is kept in {checkpointer.directory}."
-                )
+            if pending_counter is not None and int(pending_counter) >= max_nonfinite:
+                error = _nonfinite_error(int(pending_counter), step - 1, max_nonfinite, checkpointer)
+                _console(f"stopping: {error}")
+                raise error
             pending_counter = metrics["train/consecutive_nonfinite"]  # metrics are not donated; the state is
 
             if step % config.log_every_steps == 0 or step == config.total_steps:
@@ -308,7 +341,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 scalars["perf/images_per_sec"] = window_steps * config.global_batch_size / elapsed
                 scalars["perf/images_per_sec_per_device"] = scalars["perf/images_per_sec"] / jax.device_count()
                 scalars["perf/steps_per_sec"] = window_steps / elapsed
-                scalars.update(flops_meter.metrics(scalars["perf/steps_per_sec"], gan_active))
                 scalars["data/skipped"] = _host_sum(skipped_total)
                 scalars["train/lr"] = float(optimizers.learning_rate(config.optimizer, config.total_steps, step))
                 scalars.update(timers.as_metrics())
@@ -324,15 +356,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                         multihost_utils.process_allgather(rec, tiled=True))
 
             preempted = stop.requested or _preemption_reached(step)
-            if step % config.ckpt_every_steps == 0 or step == config.total_steps or preempted:
-                with timers("checkpoint"):
-                    checkpointer.save(step, state, data_iter, _config_json(config), force=preempted)
+            if checkpoint_due or step % config.ckpt_every_steps == 0 or step == config.total_steps or preempted:
+                # Never checkpoint inside a non-finite streak: the newest checkpoint stays the last good state.
+                streak = int(metrics["train/consecutive_nonfinite"])
+                if streak >= max_nonfinite:
+                    error = _nonfinite_error(streak, step, max_nonfinite, checkpointer)
+                    _console(f"stopping: {error}")
+                    raise error
+                checkpoint_due = streak > 0
+                if checkpoint_due:
+                    logging.warning("step %d: not checkpointing during a run of %d non-finite step(s); will checkpoint "
+                                    "after the next finite step", step, streak)
+                else:
+                    with timers("checkpoint"):
+                        checkpointer.save(step, state, data_iter, _config_json(config), force=preempted)
             if preempted:
                 with timers("checkpoint"):
                     checkpointer.wait()
-                if jax.process_index() == 0:
-                    print(f"[unitok_jax] preempted: checkpoint for step {step} written; exiting cleanly", flush=True)
+                last = checkpointer.latest_step()
+                _console(f"preempted at step {step}: {'checkpoint written' if last == step else f'newest checkpoint is step {last}'}"
+                         f"; exiting cleanly (rerun the same command to resume)")
                 break
+        if checkpoint_due:
+            _console(f"warning: the run ended inside a run of non-finite steps, so step {step} was not checkpointed; "
+                     f"the newest checkpoint is step {checkpointer.latest_step()}")
     finally:
         stop.uninstall()
         checkpointer.close()
@@ -349,13 +396,19 @@ def _config_json(config: ml_collections.ConfigDict) -> dict:
 
 
 def _restore_or_init(config, components: Components, checkpointer, abstract, data_iter):
-    step, state = checkpointer.restore_latest_good(abstract, data_iter)
+    """workdir checkpoint → resume_from → init_from → scratch. Damaged newest checkpoints fall back to older ones
+    with a warning; checkpoints that exist but all fail raise `checkpointing.RestoreError` (never a silent scratch)."""
+    damaged = []
+    step, state = checkpointer.restore_latest_good(abstract, data_iter, on_damaged=lambda s, e: damaged.append(s))
+    note = f" (skipped damaged checkpoint(s) {damaged}, moved to {checkpointer.damaged_directory})" if damaged else ""
     if state is not None:
-        return state, int(step), f"resumed from {checkpointer.directory} at step {step}"
+        return state, int(step), f"resumed from {checkpointer.directory} at step {step}{note}"
     if config.resume_from:
-        other = checkpointing.Checkpointer(config.resume_from, async_save=False)
-        step, state = other.restore_latest_good(abstract, data_iter)
-        other.close()
+        other = checkpointing.Checkpointer(config.resume_from, async_save=False, read_only=True)
+        try:
+            step, state = other.restore_latest_good(abstract, data_iter)
+        finally:
+            other.close()
         if state is None:
             raise checkpointing.RestoreError(f"config.resume_from={config.resume_from!r} holds no readable checkpoint")
         return state, int(step), f"resumed from {config.resume_from} at step {step}"
