@@ -300,3 +300,10 @@ def load_unitok(path_or_state_dict, model_config=None, **config_overrides) -> Un
 def param_count(model: UniTok) -> int:
     """Number of parameters (works on abstract models)."""
     return int(sum(math.prod(_value(v).shape) for _, v in _flat_params(model)))
+
+
+def load_tokenflow(path_or_state_dict, config, **kwargs):
+    """Official TokenFlow checkpoint (.pt / state dict) → `TokenFlow`; see `unitok_jax.convert.tokenflow`."""
+    from unitok_jax.convert.tokenflow import load_tokenflow as _load_tokenflow
+
+    return _load_tokenflow(path_or_state_dict, config, **kwargs)

@@ -29,8 +29,11 @@ def adaptive_weight(grad_nll: jax.Array, grad_gan: jax.Array, clamp: tuple[float
 
 
 def gan_ramp(step: jax.Array, start_step: int, ramp_steps: int) -> jax.Array:
-    """0 before `start_step`, then linear to 1 over `ramp_steps` (official: min(1, (it − start)/warm))."""
-    progress = (step.astype(jnp.float32) - start_step) / max(ramp_steps, 1)
+    """0 before `start_step`, then linear to 1 over `ramp_steps` (official: min(1, (it − start)/warm)).
+    With `ramp_steps == 0` the weight jumps to 1 at `start_step` (TokenFlow's disc_start)."""
+    if ramp_steps <= 0:
+        return (step >= start_step).astype(jnp.float32)
+    progress = (step.astype(jnp.float32) - start_step) / ramp_steps
     return jnp.clip(progress, 0.0, 1.0)
 
 

@@ -35,6 +35,7 @@ class LossWeights:
     adaptive_clamp: tuple[float, float] = (0.015, 1e4)
     bcr: float = 4.0
     bcr_cutout: float = 0.2
+    distill: float = 1.0  # TokenFlow: cosine distillation of the semantic decoder against the frozen teacher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,8 @@ class StepContext:
     disc_tx: optax.GradientTransformation | None = None
     lpips_graphdef: Any = None
     diffaug: Callable[..., jax.Array] | None = None
-    model_has_rngs: bool = False
+    model_takes_text: bool = True   # UniTok has a text tower; TokenFlow does not
+    teacher_graphdef: Any = None    # TokenFlow's frozen semantic teacher (state in frozen['teacher'])
 
 
 def _tree_all_finite(tree) -> jax.Array:
@@ -72,6 +74,11 @@ def _clamp_logit_scale(params, max_value: float):
         return jnp.clip(leaf, 0.0, max_value) if param_groups.path_string(path) == "logit_scale" else leaf
 
     return jax.tree_util.tree_map_with_path(clamp, params)
+
+
+def forward(model, images, text=None, **kwargs):
+    """Call a tokenizer uniformly: UniTok takes optional text ids, TokenFlow only images."""
+    return model(images, text, **kwargs) if text is not None else model(images, **kwargs)
 
 
 def _get_submodule(module, dotted: str):
@@ -100,12 +107,12 @@ def generator_loss(params, state: TrainState, frozen, batch, keys, ctx: StepCont
     """Total generator loss and its metrics. `keys`: dict of PRNG keys for this step."""
     w = ctx.weights
     images = batch["image"].astype(jnp.float32)
-    # copy=True: fresh Variables at this trace level; reusing the jit-level ones makes nnx.reseed below fail with
-    # TraceContextError inside value_and_grad (every config with drop_path_rate > 0).
+    # copy=True: fresh Variables at this trace level (reusing the jit-level ones raises TraceContextError
+    # inside value_and_grad when the model holds Rngs, i.e. drop_path_rate > 0).
     model = nnx.merge(ctx.model_graphdef, params, frozen["model_rest"], copy=True)
-    if ctx.model_has_rngs:
-        nnx.reseed(model, dropout=keys["model"])
-    rec, aux = model(images, batch.get("text"), deterministic=False)
+    # Per-step randomness (drop-path, TokenFlow's scale drop) comes from an explicit Rngs for this step's key.
+    rec, aux = forward(model, images, batch.get("text") if ctx.model_takes_text else None,
+                       deterministic=False, rngs=nnx.Rngs(dropout=keys["model"]))
     rec = rec.astype(jnp.float32)
 
     def nll_fn(r):
@@ -125,6 +132,16 @@ def generator_loss(params, state: TrainState, frozen, batch, keys, ctx: StepCont
     if w.lpips:
         metrics["train/loss/lpips"] = _lpips_value(ctx, frozen, rec, images)
     total = nll + w.vq * aux["vq_loss"]
+    if "commit_loss" in aux:  # TokenFlow reports codebook and commitment terms separately
+        metrics["train/loss/commit"] = aux["commit_loss"]
+        total = total + w.vq * aux["commit_loss"]
+    if ctx.teacher_graphdef is not None and w.distill:
+        from unitok_jax.models.tokenflow import cosine_distillation_loss
+
+        teacher = nnx.merge(ctx.teacher_graphdef, frozen["teacher"])
+        distill = cosine_distillation_loss(aux["sem_rec"], teacher(images))
+        metrics["train/loss/distill"] = distill
+        total = total + w.distill * distill
     if aux.get("clip_text_features") is not None and w.clip:
         clip = contrastive.clip_loss(aux["clip_image_features"], aux["clip_text_features"], aux["logit_scale"], ctx.mesh)
         metrics["train/loss/clip"] = clip

@@ -56,6 +56,10 @@ def _build_model(config: ml_collections.ConfigDict, seed: int):
     return build_model(config.model_name, config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
 
+def _model_dict(config: ml_collections.ConfigDict) -> dict:
+    return config.model.to_dict() if isinstance(config.model, ml_collections.ConfigDict) else dict(config.model)
+
+
 def _build_discriminator(config: ml_collections.ConfigDict, seed: int):
     from unitok_jax.models.discriminators import build_discriminator
 
@@ -96,6 +100,12 @@ def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components
     if lpips_module is not None:
         lpips_graphdef, lpips_state = nnx.split(lpips_module)
 
+    teacher_graphdef = teacher_state = None
+    if config.loss.get("distill", 0.0):
+        from unitok_jax.models.tokenflow import load_teacher
+
+        teacher_graphdef, teacher_state = nnx.split(load_teacher(config.get("teacher_path") or None, _model_dict(config), seed=seed))
+
     diffaug = None
     if gan_enabled:
         from unitok_jax.losses.diffaug import diff_augment
@@ -109,7 +119,8 @@ def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components
         weights=step_lib.LossWeights(
             l1=config.loss.l1, l2=config.loss.l2, lpips=config.loss.lpips, vq=config.loss.vq, clip=config.loss.clip,
             gan=config.loss.gan, adaptive_gan_weight=config.loss.adaptive_gan_weight,
-            adaptive_clamp=tuple(config.loss.adaptive_clamp), bcr=config.loss.bcr, bcr_cutout=config.loss.bcr_cutout,
+                adaptive_clamp=tuple(config.loss.adaptive_clamp), bcr=config.loss.bcr, bcr_cutout=config.loss.bcr_cutout,
+            distill=float(config.loss.get("distill", 0.0)),
         ),
         mesh=mesh,
         gan_start_step=gan_start,
@@ -119,7 +130,8 @@ def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components
         disc_tx=disc_tx,
         lpips_graphdef=lpips_graphdef,
         diffaug=diffaug,
-        model_has_rngs=bool(jax.tree.leaves(abs_rest)),
+        model_takes_text=bool(config.model.get("text")),
+        teacher_graphdef=teacher_graphdef,
     )
 
     repl = shd.replicated(mesh)
@@ -149,7 +161,8 @@ def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components
                           rng=jax.random.key_data(jax.random.key(seed)), **initial_counters())
 
     lpips_sh = shd.state_shardings(lpips_state, mesh, rules) if lpips_state is not None else None
-    frozen_sh = {"model_rest": rest_sh, "disc_rest": disc_rest_sh, "lpips": lpips_sh}
+    teacher_sh = shd.state_shardings(teacher_state, mesh, rules) if teacher_state is not None else None
+    frozen_sh = {"model_rest": rest_sh, "disc_rest": disc_rest_sh, "lpips": lpips_sh, "teacher": teacher_sh}
 
     def init_frozen_fn():
         _, _, rest = nnx.split(_build_model(config, seed), nnx.Param, ...)
@@ -163,6 +176,7 @@ def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components
     def init_frozen():
         frozen = dict(init_frozen_jit())
         frozen["lpips"] = jax.device_put(lpips_state, lpips_sh) if lpips_state is not None else None
+        frozen["teacher"] = jax.device_put(teacher_state, teacher_sh) if teacher_state is not None else None
         return frozen
 
     with jax.set_mesh(mesh):
@@ -281,6 +295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     timers = perf.TimeBuckets()
     components = build_components(config)
+    flops_meter = flops.FlopsMeter(config, jax.devices())  # perf/tflops_per_device, perf/mfu
     mesh = components.mesh
     max_nonfinite = int(config.max_consecutive_nonfinite)
     logging.info("model %s: %.2f M trainable generator params; mesh %s", config.model_name, components.param_count / 1e6, dict(mesh.shape))
@@ -341,6 +356,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 scalars["perf/images_per_sec"] = window_steps * config.global_batch_size / elapsed
                 scalars["perf/images_per_sec_per_device"] = scalars["perf/images_per_sec"] / jax.device_count()
                 scalars["perf/steps_per_sec"] = window_steps / elapsed
+                scalars.update(flops_meter.metrics(scalars["perf/steps_per_sec"], gan_active))
                 scalars["data/skipped"] = _host_sum(skipped_total)
                 scalars["train/lr"] = float(optimizers.learning_rate(config.optimizer, config.total_steps, step))
                 scalars.update(timers.as_metrics())
@@ -425,7 +441,7 @@ def _restore_or_init(config, components: Components, checkpointer, abstract, dat
 
 def _reconstruct(params, model_rest, images, *, graphdef):
     model = nnx.merge(graphdef, params, model_rest)
-    rec, _ = model(images, None, deterministic=True)
+    rec, _ = step_lib.forward(model, images, None, deterministic=True)
     return jnp.clip(rec.astype(jnp.float32), -1.0, 1.0)
 
 
