@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model_name = "tokenflow"
     c.model = ml_collections.ConfigDict(tokenflow_model_config(variant))
     c.teacher_path = ""
+    c.eval.names = "recon"  # no text tower: zero-shot does not apply
     recipe = TOKENFLOW_TRAIN_RECIPES["clipb_224" if variant == "tiny" else ("siglip_384" if variant == "siglip_384" else "clipb_224")]
 
     c.loss.update(dict(l1=0.0, l2=recipe["rec_weight"], vq=1.0, clip=0.0, distill=recipe["sem_distill_weight"],

@@ -82,6 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="data_parallel"))
 
     c.data = default_data_config()
+    from unitok_jax.evals.runner import default_eval_config
+
+    c.eval = default_eval_config()  # evals inside training: every_steps (0 = off), names, fid/zeroshot paths
     c.loss = ml_collections.ConfigDict(dict(
         l1=0.2, l2=1.0, lpips=0.0, lpips_path="", vq=1.0, clip=1.0,
         gan=0.4, gan_start=0.375, gan_ramp=0.03, adaptive_gan_weight=True, adaptive_clamp=(0.015, 1e4),
@@ -113,6 +116,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.embedded.image_size = 64
         c.data.context_length = c.model.text.context_length
         c.data.tokenizer = "bytes"
+        c.eval.every_steps = 500
+        c.eval.names = "recon,zeroshot"
     else:
         preset = "vitamin_large" if variant == "paper" else "vitamin_base"
         c.model = ml_collections.ConfigDict(model_config(preset))

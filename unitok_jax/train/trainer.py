@@ -21,6 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from unitok_jax import config_lib
+from unitok_jax.evals import runner as eval_runner
 from unitok_jax.parallel import sharding as shd
 from unitok_jax.train import checkpointing, flops, metric_writers, optimizers, perf
 from unitok_jax.train import step as step_lib
@@ -178,6 +179,10 @@ def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components
         frozen["lpips"] = jax.device_put(lpips_state, lpips_sh) if lpips_state is not None else None
         frozen["teacher"] = jax.device_put(teacher_state, teacher_sh) if teacher_state is not None else None
         return frozen
+
+    # Weights live FSDP-sharded but are used gathered (see parallel.sharding.compute_shardings).
+    ctx = dataclasses.replace(ctx, compute_shardings=shd.compute_shardings(
+        {"params": param_sh, "disc_params": disc_param_sh, **frozen_sh}))
 
     with jax.set_mesh(mesh):
         abstract_state = jax.eval_shape(init_state_fn)
@@ -370,6 +375,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 rec = reconstruct(state.params, frozen["model_rest"], preview)
                 writer.write_image_grid(step, "reconstruction", multihost_utils.process_allgather(preview, tiled=True),
                                         multihost_utils.process_allgather(rec, tiled=True))
+
+            with timers("eval"):  # cheap no-op unless config.eval.every_steps says so; collective when due
+                eval_runner.maybe_run_periodic_evals(config, step, state.params, frozen["model_rest"],
+                                                     components.ctx.model_graphdef, writer)
 
             preempted = stop.requested or _preemption_reached(step)
             if checkpoint_due or step % config.ckpt_every_steps == 0 or step == config.total_steps or preempted:
