@@ -6,6 +6,7 @@ a shared persistent compilation cache makes the restarts cheap (the first run pa
 """
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -70,7 +71,7 @@ def test_sigkill_and_sigterm_restarts_resume_bitwise(reference, data_dir, tmp_pa
             assert got == newest_expected, f"attempt {i}: resumed at {got}, newest good checkpoint {newest_expected}\n{run.describe()}"
 
     # 1) SIGKILL a few steps after the first checkpoint is committed (mid-step, mid-logging or mid-save).
-    # 2) SIGKILL the moment an async save is in flight ('<step>.orbax-checkpoint-tmp*' exists).
+    # 2) SIGKILL the moment a later async save is in flight ('<step>.orbax-checkpoint-tmp*' exists).
     # 3) SIGKILL right after a checkpoint is committed (+ a random delay).
     # 4) SIGTERM (preemption): the step finishes, a checkpoint is written, the process exits 0.
     # 5) run to completion.
@@ -80,15 +81,17 @@ def test_sigkill_and_sigterm_restarts_resume_bitwise(reference, data_dir, tmp_pa
         begin = run.last_step()
         if i == 0:
             _wait_then(run, lambda: rc.committed_steps(workdir) and run.last_step() >= 3, lambda: time.sleep(rnd.uniform(0, 0.5)), "step 3")
-            kind = "SIGKILL after step ~3"
+            kind = "SIGKILL after step 3 + random delay"
         elif i == 1:
-            _wait_then(run, lambda: bool(rc.in_flight_saves(workdir)) and run.last_step() > begin, lambda: None, "an async save in flight")
-            kind = "SIGKILL during an async save"
+            target = max(rc.committed_steps(workdir) or [0]) + 4  # not the first save after the restart
+            _wait_then(run, lambda: any(int(d.split(".")[0]) >= target for d in rc.in_flight_saves(workdir)), lambda: None,
+                       f"the save of step {target} in flight")
+            kind = f"SIGKILL during the async save of step {target}"
         elif i == 2:
             target = max(rc.committed_steps(workdir) or [0]) + 2
             _wait_then(run, lambda: max(rc.committed_steps(workdir) or [0]) >= target, lambda: time.sleep(rnd.uniform(0, 1.0)),
                        f"checkpoint {target}")
-            kind = f"SIGKILL after checkpoint {target}"
+            kind = f"SIGKILL after checkpoint {target} + random delay"
         elif i == 3:
             target = run.last_step() + 3
             _wait_then(run, lambda: run.last_step() >= target, lambda: None, f"step {target}")
@@ -103,7 +106,9 @@ def test_sigkill_and_sigterm_restarts_resume_bitwise(reference, data_dir, tmp_pa
         if kind == "SIGTERM":
             run.proc.send_signal(signal.SIGTERM)
             assert run.finish(timeout=300) == 0, run.describe()
-            stopped = int(__import__("re").search(r"preempted at step (\d+): checkpoint written", run.stdout()).group(1))
+            match = re.search(r"preempted at step (\d+): checkpoint written; exiting cleanly", run.stdout())
+            assert match, run.describe()
+            stopped = int(match.group(1))
             assert stopped >= step_at_signal and stopped in rc.committed_steps(workdir), run.describe()
             assert not rc.in_flight_saves(workdir), "the async save must be finished before exiting"
         else:
