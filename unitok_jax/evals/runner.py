@@ -33,7 +33,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -498,7 +498,7 @@ class _Fid:
         res = self.ev.compute()
         if "skipped" in res:
             return {"skipped": res["skipped"]}
-        if self.ev.reference is None and self.ev.reference_accum.count >= 0:
+        if self.ev.reference is None:
             accum = self.ev.reference_accum.allreduce()  # collective on every process
             if accum.count >= 2:
                 self.ev.reference = accum.to_reference(self.ev.reference_fingerprint or "")  # reused next time
@@ -739,8 +739,6 @@ def run_evals(config: ml_collections.ConfigDict, model, names: str | Sequence[st
     batch_size = _eval_batch_size(config, ec, mesh)
 
     main_data = _data_config_for(config)
-    main_loader = pipeline.make_eval_loader(main_data, batch_size=batch_size)
-    main_files = pipeline.eval_files(main_data)
 
     def guarded(name, fn):
         try:
@@ -760,7 +758,7 @@ def run_evals(config: ml_collections.ConfigDict, model, names: str | Sequence[st
         k, kk = _quantizer_sizes(config, model_cfg)
         main_accs["recon"] = _Recon(k, kk, int(ec.grid_images), lpips_skipped)
     if "fid" in names:
-        ev, why = _fid_evaluator(config, ec, main_files, num_batches, batch_size)
+        ev, why = _fid_evaluator(config, ec, pipeline.eval_files(main_data), num_batches, batch_size)
         if ev is None:
             report["fid/skipped"] = why
         else:
@@ -786,6 +784,7 @@ def run_evals(config: ml_collections.ConfigDict, model, names: str | Sequence[st
     with_text = has_text and ("zeroshot" in main_accs or extra_pass is not None)
     forward = _forward_fn(graphdef, lpips_graphdef, with_text, mesh)
     if main_accs:
+        main_loader = pipeline.make_eval_loader(main_data, batch_size=batch_size)
         guarded("recon", lambda: _run_pass(main_loader, num_batches, forward, params, rest, lpips_state, mesh,
                                            list(main_accs.values()), with_text))
     if extra_pass is not None:
@@ -851,7 +850,11 @@ def maybe_run_periodic_evals(config: ml_collections.ConfigDict, step: int, param
     returns the report. Failures are logged and reported as `<name>/skipped`, never raised."""
     if not evals_due(config, step):
         return None
-    report = run_evals(config, (graphdef, params, model_rest), names, step=step, writer=writer, strict=False)
+    try:
+        report = run_evals(config, (graphdef, params, model_rest), names, step=step, writer=writer, strict=False)
+    except Exception as e:  # noqa: BLE001 - e.g. no eval split configured: training goes on
+        logging.exception("periodic evals at step %d failed", step)
+        return {"skipped": f"error: {type(e).__name__}: {e}"}
     scalars = {f"eval/{k}": v for k, v in report.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("meta/")}
     scalars["eval/seconds"] = report.get("meta/seconds", 0.0)
