@@ -7,6 +7,7 @@
   while writing metrics (metrics.jsonl replaced by a directory mid-run), images and TensorBoard do not stop it;
 - `max_consecutive_nonfinite` non-finite steps in a row → the run stops naming the step, and the newest
   checkpoint is the last good state;
+- a multi-host preemption sync point (`reached_preemption_sync_point`) → checkpoint at that step and exit 0;
 - invalid configs fail before anything is compiled, naming the field.
 
 The malformed-sample fuzz itself (>= 1000 samples through decode and the pipeline) is tests/test_data_fuzz.py.
@@ -308,7 +309,8 @@ def test_bad_records_are_counted_and_io_errors_do_not_stop_training(tmp_path, da
     assert err.count("writing metrics.jsonl failed") == 1  # reported once, retried silently
     assert rc.committed_steps(workdir)[-1] == rc.TOTAL_STEPS
 
-    before, after = _jsonl(tmp_path / "metrics_part1.jsonl"), _jsonl(metrics)
+    # Training records only (periodic evals append their own records to the same file).
+    before, after = [[r for r in _jsonl(path) if "train/loss/total" in r] for path in (tmp_path / "metrics_part1.jsonl", metrics)]
     assert before[0]["step"] == 1 and after[-1]["step"] == rc.TOTAL_STEPS
     lost = set(range(1, rc.TOTAL_STEPS + 1)) - {r["step"] for r in before + after}
     assert lost and min(lost) > blocked_from - 1 and max(lost) <= unblocked_at + 1, sorted(lost)
@@ -320,28 +322,35 @@ def test_bad_records_are_counted_and_io_errors_do_not_stop_training(tmp_path, da
           f"metrics lost while blocked: {sorted(lost)}")
 
 
-NAN_DRIVER = """
-import os, sys
+DRIVER = """
+# `python -m unitok_jax.main` with test-only patches chosen by environment variables.
+import os
 import numpy as np
+from jax.experimental import multihost_utils
 from unitok_jax.data import pipeline
 
-_make = pipeline.make_train_loader
-POISON_AFTER = int(os.environ["RELIABILITY_POISON_AFTER"])
+POISON_AFTER = int(os.environ.get("RELIABILITY_POISON_AFTER", "-1"))
+PREEMPT_AT = int(os.environ.get("RELIABILITY_PREEMPT_AT", "-1"))
 
+if POISON_AFTER >= 0:
+    _make = pipeline.make_train_loader
 
-def make_train_loader(*args, **kwargs):
-    count = [0]
+    def make_train_loader(*args, **kwargs):
+        count = [0]
 
-    def poison(batch):  # batches are consumed one per step, from step 1 (the run starts from scratch)
-        count[0] += 1
-        if count[0] > POISON_AFTER:
-            batch = dict(batch, image=np.full_like(batch["image"], np.nan))
-        return batch
+        def poison(batch):  # batches are consumed one per step, from step 1 (the run starts from scratch)
+            count[0] += 1
+            if count[0] > POISON_AFTER:
+                batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+            return batch
 
-    return _make(*args, **kwargs).map(poison)
+        return _make(*args, **kwargs).map(poison)
 
+    pipeline.make_train_loader = make_train_loader
 
-pipeline.make_train_loader = make_train_loader
+if PREEMPT_AT >= 0:  # what JAX's preemption service answers on every host once a notice arrived
+    multihost_utils.reached_preemption_sync_point = lambda step: step == PREEMPT_AT
+
 from absl import app
 from unitok_jax import main
 app.run(main.main)
@@ -355,7 +364,7 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpo
     monkeypatch.setenv("RELIABILITY_POISON_AFTER", "5")
     workdir = tmp_path / "run"
     run = rc.Run(rc.train_args(workdir, data_dir, "--config.max_consecutive_nonfinite=3"), str(tmp_path / "log"),
-                 python_code=NAN_DRIVER)
+                 python_code=DRIVER)
     assert run.finish() not in (0, -signal.SIGKILL), run.describe()
     out = run.stdout() + run.stderr()
     assert "NonFiniteError" in run.stderr(), run.describe()
@@ -364,9 +373,21 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpo
     assert "not checkpointing during a run of 1 non-finite step(s)" in run.stderr()
     assert rc.committed_steps(workdir) == [2, 4] and not rc.in_flight_saves(workdir)
 
-    records = {r["step"]: r for r in _jsonl(workdir / "metrics.jsonl")}
+    records = {r["step"]: r for r in _jsonl(workdir / "metrics.jsonl") if "train/loss/total" in r}
     assert [records[s]["train/nonfinite_steps"] for s in range(1, 9)] == [0, 0, 0, 0, 0, 1, 2, 3]
     assert [records[s]["train/step_was_finite"] for s in (5, 6, 7, 8)] == [1.0, 0.0, 0.0, 0.0]
     good = rc.saved_state(workdir, 4)
     assert all(np.isfinite(v).all() for v in good.values() if np.issubdtype(v.dtype, np.floating))
     assert int(good["['consecutive_nonfinite']"]) == 0 and int(good["['nonfinite_steps']"]) == 0
+
+
+@pytest.mark.slow
+def test_preemption_sync_point_checkpoints_and_exits_cleanly(tmp_path, data_dir, monkeypatch):
+    """The multi-host path: `reached_preemption_sync_point(step)` turns true at step 5 (not a checkpoint step)."""
+    monkeypatch.setenv("RELIABILITY_PREEMPT_AT", "5")
+    workdir = tmp_path / "run"
+    run = rc.Run(rc.train_args(workdir, data_dir), str(tmp_path / "log"), python_code=DRIVER)
+    assert run.finish() == 0, run.describe()
+    assert "preempted at step 5: checkpoint written; exiting cleanly" in run.stdout(), run.describe()
+    assert rc.committed_steps(workdir) == [2, 4, 5] and not rc.in_flight_saves(workdir)
+    assert int(rc.saved_state(workdir, 5)["['step']"]) == 5
