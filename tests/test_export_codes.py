@@ -85,3 +85,54 @@ def test_cli(demo, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["step"] == 0 and manifest["checkpoint"].endswith(os.path.join("checkpoints", "0"))
     assert len(list(export_codes.read_codes(str(out)))) == 20
+
+
+_MP_DRIVER = r'''
+import json, os, sys
+import jax
+pid, n, port, workdir, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=n, process_id=pid)
+from unitok_jax import evaluate, export_codes
+from unitok_jax.evals import runner
+report = evaluate.evaluate(None, workdir, evals="recon,zeroshot", output=os.path.join(out, "report.json"))
+config = runner.checkpoint_config(runner.resolve_checkpoint(workdir))
+model, step = runner.load_model_from_checkpoint(config, workdir)
+export_codes.export_codes(config, model, os.path.join(out, "codes"), split="eval", batch_size=3, records_per_shard=4)
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(demo, tmp_path):
+    """jax.distributed on CPU (2 processes): each reads its share of the eval set; metrics reduced across processes
+    equal the single-process ones, and the code shards of both processes are listed in one manifest."""
+    import socket
+
+    from unitok_jax.evals import runner
+
+    config, workdir, model = demo
+    single = runner.run_evals(config, model, "recon,zeroshot")
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+               XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f))
+    procs = [subprocess.Popen([sys.executable, "-c", _MP_DRIVER, str(i), "2", str(port), workdir, str(tmp_path)],
+                              cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["meta/process_count"] == 2
+    for key in ("recon/num_images", "zeroshot/count", "zeroshot/retrieval/count", "recon/usage", "recon/num_tokens"):
+        assert report[key] == single[key], key
+    for key in ("recon/psnr", "recon/ssim", "recon/perplexity", "zeroshot/top1", "zeroshot/top5",
+                "zeroshot/retrieval/image_to_text/R@5"):
+        assert report[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
+    manifest = json.loads((tmp_path / "codes" / "manifest.json").read_text())
+    assert manifest["num_records"] == 16 and sorted({s["process"] for s in manifest["shards"]}) == [0, 1]
+    ids = sorted(r["id"] for r in export_codes.read_codes(str(tmp_path / "codes")))
+    assert ids == [f"embedded-eval-{i:07d}" for i in range(16)]

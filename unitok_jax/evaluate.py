@@ -14,7 +14,8 @@ the saved training config is used when it is omitted). Any field can be overridd
 
 Writes a JSON report with flat keys (recon/psnr, recon/ssim, recon/usage, zeroshot/top1, zeroshot/chance,
 fid/rfid, ...; an eval that cannot run has <name>/skipped with the reason), a reconstruction grid next to it, and
-prints both. Multi-process (pods / several GPU hosts): add --distributed; every process runs the same command.
+prints both. Multi-process (pods / several GPU hosts): add --distributed (or --coordinator_address, --num_processes,
+--process_id for a local rehearsal); every process runs the same command.
 """
 from __future__ import annotations
 
@@ -24,15 +25,33 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/unitok.py:tiny (data + eval settings).",
-                                          lock_config=False)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run workdir, checkpoints dir, step dir, step number, or official .pth/.npz.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory, when --checkpoint is a step number.")
-_EVALS = flags.DEFINE_string("evals", None, "Comma-separated evals: recon,fid,zeroshot (default: config.eval.names).")
-_OUTPUT = flags.DEFINE_string("output", None, "Path of the JSON report (default: <checkpoint run>/eval/report_step<N>.json).")
-_NUM_BATCHES = flags.DEFINE_integer("num_batches", None, "Limit the number of eval batches (default: config.eval.num_batches, 0 = all).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process runs).")
-flags.mark_flags_as_required(["checkpoint"])
+_FLAGS: dict = {}
+
+
+def _define_flags() -> None:
+    """CLI flags, defined only when run as a program (importing this module defines none, so it can be imported
+    together with other CLIs such as export_codes)."""
+    _FLAGS["config"] = config_flags.DEFINE_config_file(
+        "config", None, "Config file, e.g. configs/unitok.py:tiny (data + eval settings).", lock_config=False)
+    flags.DEFINE_string("checkpoint", None, "Run workdir, checkpoints dir, step dir, step number, or official .pth/.npz.")
+    flags.DEFINE_string("workdir", None, "Run directory, when --checkpoint is a step number.")
+    flags.DEFINE_string("evals", None, "Comma-separated evals: recon,fid,zeroshot (default: config.eval.names).")
+    flags.DEFINE_string("output", None, "Path of the JSON report (default: <run>/eval/report_step<N>.json).")
+    flags.DEFINE_integer("num_batches", None, "Limit the number of eval batches (default: config.eval.num_batches, 0 = all).")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process runs; cluster env or the flags below).")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process without a cluster env).")
+    flags.DEFINE_integer("num_processes", None, "Total number of processes.")
+    flags.DEFINE_integer("process_id", None, "Index of this process.")
+    flags.mark_flags_as_required(["checkpoint"])
+
+
+def initialize_distributed(FLAGS) -> None:
+    import jax
+
+    if FLAGS.distributed or (FLAGS.num_processes or 1) > 1:
+        kwargs = {k: getattr(FLAGS, k) for k in ("coordinator_address", "num_processes", "process_id")
+                  if getattr(FLAGS, k) is not None}
+        jax.distributed.initialize(**kwargs)
 
 
 def _default_output(checkpoint_path: str, step) -> str:
@@ -72,16 +91,16 @@ def evaluate(config, checkpoint: str, *, workdir: str | None = None, evals: str 
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
+    FLAGS = flags.FLAGS
+    if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     import jax
 
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+    initialize_distributed(FLAGS)
     from unitok_jax.evals import runner
 
-    report = evaluate(_CONFIG.value, _CHECKPOINT.value, workdir=_WORKDIR.value, evals=_EVALS.value,
-                      output=_OUTPUT.value, num_batches=_NUM_BATCHES.value)
+    report = evaluate(_FLAGS["config"].value, FLAGS.checkpoint, workdir=FLAGS.workdir, evals=FLAGS.evals,
+                      output=FLAGS.output, num_batches=FLAGS.num_batches)
     if jax.process_index() == 0:
         print(json.dumps(report, indent=2, sort_keys=True))
         print(f"[unitok_jax] {runner.summary_line(report)}")
@@ -89,4 +108,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -14,7 +14,8 @@ and code-grid description, shard list, counts). One msgpack record per image:
      "codes": bytes (little-endian, C order)}
 `decode_codes_record(bytes)` turns one back into {"id", "caption", "label", "codes": np.ndarray [k, h, w]};
 `read_codes(output_dir)` iterates over all of them. Multi-process: add --distributed; each process exports every
-P-th record into its own shards and process 0 writes the manifest.
+P-th record into its own shards and process 0 writes the manifest (--coordinator_address, --num_processes,
+--process_id for a local rehearsal).
 """
 from __future__ import annotations
 
@@ -32,18 +33,26 @@ from ml_collections import config_flags
 FORMAT = "unitok_jax.codes/1"
 MANIFEST = "manifest.json"
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (data settings); default: the checkpoint's saved config.",
-                                          lock_config=False)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run workdir, checkpoints dir, step dir, step number, or official .pth/.npz.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory, when --checkpoint is a step number.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory for the code shards and manifest.json.")
-_FILES = flags.DEFINE_string("files", "", "ArrayRecord glob / dir / manifest to export (default: config.data --split).")
-_SPLIT = flags.DEFINE_enum("split", "train", ["train", "eval"], "Split of config.data, when --files is not given.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per forward pass (per process).")
-_RECORDS_PER_SHARD = flags.DEFINE_integer("records_per_shard", 10_000, "Records per output shard.")
-_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Export at most this many records (0 = all).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process runs).")
-flags.mark_flags_as_required(["checkpoint", "output_dir"])
+_FLAGS: dict = {}
+
+
+def _define_flags() -> None:
+    """CLI flags, defined only when run as a program (so this module imports alongside other CLIs)."""
+    _FLAGS["config"] = config_flags.DEFINE_config_file(
+        "config", None, "Config file (data settings); default: the checkpoint's saved config.", lock_config=False)
+    flags.DEFINE_string("checkpoint", None, "Run workdir, checkpoints dir, step dir, step number, or official .pth/.npz.")
+    flags.DEFINE_string("workdir", None, "Run directory, when --checkpoint is a step number.")
+    flags.DEFINE_string("output_dir", None, "Directory for the code shards and manifest.json.")
+    flags.DEFINE_string("files", "", "ArrayRecord glob / dir / manifest to export (default: config.data --split).")
+    flags.DEFINE_enum("split", "train", ["train", "eval"], "Split of config.data, when --files is not given.")
+    flags.DEFINE_integer("batch_size", 64, "Images per forward pass (per process).")
+    flags.DEFINE_integer("records_per_shard", 10_000, "Records per output shard.")
+    flags.DEFINE_integer("max_examples", 0, "Export at most this many records (0 = all).")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process runs; cluster env or the flags below).")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process without a cluster env).")
+    flags.DEFINE_integer("num_processes", None, "Total number of processes.")
+    flags.DEFINE_integer("process_id", None, "Index of this process.")
+    flags.mark_flags_as_required(["checkpoint", "output_dir"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,28 +239,30 @@ def export_codes(config, model, output_dir: str, *, files: str = "", split: str 
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
+    FLAGS = flags.FLAGS
+    if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     import jax
 
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+    from unitok_jax.evaluate import initialize_distributed
     from unitok_jax.evals import runner
 
-    path = runner.resolve_checkpoint(_CHECKPOINT.value, _WORKDIR.value)
-    config = _CONFIG.value
+    initialize_distributed(FLAGS)
+    path = runner.resolve_checkpoint(FLAGS.checkpoint, FLAGS.workdir)
+    config = _FLAGS["config"].value
     if config is None:
         config = None if os.path.isfile(path) else runner.checkpoint_config(path)
         if config is None:
             raise app.UsageError("--config is required for this checkpoint (no saved config)")
     model, step = runner.load_model_from_checkpoint(config, path)
-    manifest = export_codes(config, model, _OUTPUT_DIR.value, files=_FILES.value, split=_SPLIT.value,
-                            batch_size=_BATCH_SIZE.value, records_per_shard=_RECORDS_PER_SHARD.value,
-                            max_examples=_MAX_EXAMPLES.value, checkpoint=path, step=step)
+    manifest = export_codes(config, model, FLAGS.output_dir, files=FLAGS.files, split=FLAGS.split,
+                            batch_size=FLAGS.batch_size, records_per_shard=FLAGS.records_per_shard,
+                            max_examples=FLAGS.max_examples, checkpoint=path, step=step)
     if jax.process_index() == 0:
         print(f"[unitok_jax] wrote {manifest['num_records']} code records {manifest['code_shape']} "
-              f"({manifest['num_skipped']} skipped) to {_OUTPUT_DIR.value} in {manifest['seconds']:.1f}s")
+              f"({manifest['num_skipped']} skipped) to {FLAGS.output_dir} in {manifest['seconds']:.1f}s")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
