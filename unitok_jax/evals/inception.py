@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 import unitok_jax  # noqa: F401  (flax config)
+from unitok_jax.models import layers as L
 from unitok_jax.models.layers import partitioned, zeros, ones
 from unitok_jax.parallel import logical_axes as ax
 
@@ -132,11 +133,7 @@ def max_pool_3x3_s1_same(x: jax.Array) -> jax.Array:
 
 def avg_pool_3x3_s1_exclude_pad(x: jax.Array) -> jax.Array:
     """avg_pool2d(3, stride 1, pad 1, count_include_pad=False): border windows divide by the valid count."""
-    window, strides, pad = (1, 3, 3, 1), (1, 1, 1, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
-    sums = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, pad)
-    ones_map = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
-    counts = jax.lax.reduce_window(ones_map, 0.0, jax.lax.add, window, strides, pad)
-    return sums / counts
+    return L.avg_pool_3x3_exclude_pad(x, 1)
 
 
 # ----------------------------------------------------------------------------------------------- modules

@@ -124,13 +124,18 @@ def nearest_upsample_2x(x: jax.Array) -> jax.Array:
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
-def avg_pool_3x3_s2_exclude_pad(x: jax.Array) -> jax.Array:
-    """AvgPool2d(3, stride 2, pad 1, count_include_pad=False) on NHWC: divide by the number of valid pixels."""
-    window, strides, pad = (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+def avg_pool_3x3_exclude_pad(x: jax.Array, stride: int) -> jax.Array:
+    """AvgPool2d(3, stride, pad 1, count_include_pad=False) on NHWC: divide by the number of valid pixels."""
+    window, strides, pad = (1, 3, 3, 1), (1, stride, stride, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
     sums = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, pad)
     ones_map = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
     counts = jax.lax.reduce_window(ones_map, 0.0, jax.lax.add, window, strides, pad)
     return sums / counts
+
+
+def avg_pool_3x3_s2_exclude_pad(x: jax.Array) -> jax.Array:
+    """ViTamin's Downsample2d shortcut: corner windows divide by 4, edges by 6."""
+    return avg_pool_3x3_exclude_pad(x, 2)
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
