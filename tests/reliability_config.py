@@ -71,16 +71,65 @@ def train_args(workdir, data_dir, *overrides: str, variant: str = "gan") -> list
             f"--config.total_steps={TOTAL_STEPS}", *overrides]
 
 
+# `python -c DRIVER <main's flags>`: `python -m unitok_jax.main` with test-only patches chosen by env variables.
+DRIVER = """
+# `python -m unitok_jax.main` with test-only patches chosen by environment variables.
+import os
+import numpy as np
+from jax.experimental import multihost_utils
+from unitok_jax.data import pipeline
+
+POISON_AFTER = int(os.environ.get("RELIABILITY_POISON_AFTER", "-1"))
+PREEMPT_AT = int(os.environ.get("RELIABILITY_PREEMPT_AT", "-1"))
+SLOW_COMMIT_S = float(os.environ.get("RELIABILITY_SLOW_COMMIT_S", "0"))
+
+if POISON_AFTER >= 0:
+    _make = pipeline.make_train_loader
+
+    def make_train_loader(*args, **kwargs):
+        count = [0]
+
+        def poison(batch):  # batches are consumed one per step, from step 1 (the run starts from scratch)
+            count[0] += 1
+            if count[0] > POISON_AFTER:
+                batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+            return batch
+
+        return _make(*args, **kwargs).map(poison)
+
+    pipeline.make_train_loader = make_train_loader
+
+if PREEMPT_AT >= 0:  # what JAX's preemption service answers on every host once a notice arrived
+    multihost_utils.reached_preemption_sync_point = lambda step: step == PREEMPT_AT
+
+if SLOW_COMMIT_S > 0:  # keep each async save's '<step>.orbax-checkpoint-tmp' dir alive a while before its rename
+    import asyncio
+    from orbax.checkpoint._src.path import atomicity
+
+    _finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def finalize(self, *args, **kwargs):
+        await asyncio.sleep(SLOW_COMMIT_S)
+        return await _finalize(self, *args, **kwargs)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+
+from absl import app
+from unitok_jax import main
+app.run(main.main)
+"""
+
+
 class Run:
     """A training subprocess whose stdout/stderr go to files (so pipes never block it)."""
 
-    def __init__(self, args: list[str], log_prefix, *, python_code: str | None = None):
+    def __init__(self, args: list[str], log_prefix, *, python_code: str | None = None, env: dict | None = None):
         import sys as _sys
 
         self.stdout_path, self.stderr_path = f"{log_prefix}.stdout", f"{log_prefix}.stderr"
         self._out, self._err = open(self.stdout_path, "w"), open(self.stderr_path, "w")
         head = ["-c", python_code] if python_code else MAIN
-        self.proc = subprocess.Popen([_sys.executable, *head, *args], cwd=REPO, env=subprocess_env(),
+        self.proc = subprocess.Popen([_sys.executable, *head, *args], cwd=REPO, env={**subprocess_env(), **(env or {})},
                                      stdout=self._out, stderr=self._err)
         self.started = time.time()
 

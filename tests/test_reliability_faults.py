@@ -143,6 +143,18 @@ def test_all_checkpoints_damaged_fails_loudly_and_moves_nothing(tmp_path):
     assert sorted(os.listdir(directory)) == ["2", "4"] and not os.path.exists(directory + ".damaged")
 
 
+def test_only_uncommitted_saves_mean_start_from_scratch(tmp_path):
+    """The first save was killed before its commit (e.g. on GCS, where the step dir is written in place): nothing
+    was ever committed, so starting from scratch is right; the partial dir is moved out of the way."""
+    directory = str(tmp_path / "checkpoints")
+    _write_checkpoints(directory, steps=(2,))
+    DAMAGE["no_commit_marker"](os.path.join(directory, "2"))
+    ckpt = checkpointing.Checkpointer(directory, async_save=False)
+    assert ckpt.restore_latest_good(_abstract(_tree(2)), _data_iter()) == (None, None)
+    assert ckpt.all_steps() == [] and os.listdir(directory + ".damaged") == ["2"]
+    ckpt.close()
+
+
 def test_checkpoints_of_another_shape_fail_loudly(tmp_path):
     """A changed config (different shapes) must not look like 'no checkpoint' and restart from scratch."""
     directory = str(tmp_path / "checkpoints")
@@ -322,39 +334,6 @@ def test_bad_records_are_counted_and_io_errors_do_not_stop_training(tmp_path, da
           f"metrics lost while blocked: {sorted(lost)}")
 
 
-DRIVER = """
-# `python -m unitok_jax.main` with test-only patches chosen by environment variables.
-import os
-import numpy as np
-from jax.experimental import multihost_utils
-from unitok_jax.data import pipeline
-
-POISON_AFTER = int(os.environ.get("RELIABILITY_POISON_AFTER", "-1"))
-PREEMPT_AT = int(os.environ.get("RELIABILITY_PREEMPT_AT", "-1"))
-
-if POISON_AFTER >= 0:
-    _make = pipeline.make_train_loader
-
-    def make_train_loader(*args, **kwargs):
-        count = [0]
-
-        def poison(batch):  # batches are consumed one per step, from step 1 (the run starts from scratch)
-            count[0] += 1
-            if count[0] > POISON_AFTER:
-                batch = dict(batch, image=np.full_like(batch["image"], np.nan))
-            return batch
-
-        return _make(*args, **kwargs).map(poison)
-
-    pipeline.make_train_loader = make_train_loader
-
-if PREEMPT_AT >= 0:  # what JAX's preemption service answers on every host once a notice arrived
-    multihost_utils.reached_preemption_sync_point = lambda step: step == PREEMPT_AT
-
-from absl import app
-from unitok_jax import main
-app.run(main.main)
-"""
 
 
 @pytest.mark.slow
@@ -364,7 +343,7 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpo
     monkeypatch.setenv("RELIABILITY_POISON_AFTER", "5")
     workdir = tmp_path / "run"
     run = rc.Run(rc.train_args(workdir, data_dir, "--config.max_consecutive_nonfinite=3"), str(tmp_path / "log"),
-                 python_code=DRIVER)
+                 python_code=rc.DRIVER)
     assert run.finish() not in (0, -signal.SIGKILL), run.describe()
     out = run.stdout() + run.stderr()
     assert "NonFiniteError" in run.stderr(), run.describe()
@@ -386,7 +365,7 @@ def test_preemption_sync_point_checkpoints_and_exits_cleanly(tmp_path, data_dir,
     """The multi-host path: `reached_preemption_sync_point(step)` turns true at step 5 (not a checkpoint step)."""
     monkeypatch.setenv("RELIABILITY_PREEMPT_AT", "5")
     workdir = tmp_path / "run"
-    run = rc.Run(rc.train_args(workdir, data_dir), str(tmp_path / "log"), python_code=DRIVER)
+    run = rc.Run(rc.train_args(workdir, data_dir), str(tmp_path / "log"), python_code=rc.DRIVER)
     assert run.finish() == 0, run.describe()
     assert "preempted at step 5: checkpoint written; exiting cleanly" in run.stdout(), run.describe()
     assert rc.committed_steps(workdir) == [2, 4, 5] and not rc.in_flight_saves(workdir)

@@ -58,8 +58,9 @@ def test_sigkill_and_sigterm_restarts_resume_bitwise(reference, data_dir, tmp_pa
     newest_expected = 0  # newest committed checkpoint when the previous process died
 
     def start(i):
-        run = rc.Run(args, str(tmp_path / f"attempt{i}"))
-        return run
+        if i == 1:  # the same command, with each async save's commit held back 3 s so the kill surely lands in one
+            return rc.Run(args, str(tmp_path / f"attempt{i}"), python_code=rc.DRIVER, env={"RELIABILITY_SLOW_COMMIT_S": "3"})
+        return rc.Run(args, str(tmp_path / f"attempt{i}"))
 
     def check_resumed(run, i):
         # The restart must say where it resumed: exactly the newest committed checkpoint at the time of the kill.
@@ -80,7 +81,7 @@ def test_sigkill_and_sigterm_restarts_resume_bitwise(reference, data_dir, tmp_pa
         check_resumed(run, i)
         begin = run.last_step()
         if i == 0:
-            _wait_then(run, lambda: rc.committed_steps(workdir) and run.last_step() >= 3, lambda: time.sleep(rnd.uniform(0, 0.5)), "step 3")
+            _wait_then(run, lambda: rc.committed_steps(workdir) and run.last_step() >= 3, lambda: time.sleep(rnd.uniform(0, 0.3)), "step 3")
             kind = "SIGKILL after step 3 + random delay"
         elif i == 1:
             target = max(rc.committed_steps(workdir) or [0]) + 4  # not the first save after the restart
@@ -89,7 +90,7 @@ def test_sigkill_and_sigterm_restarts_resume_bitwise(reference, data_dir, tmp_pa
             kind = f"SIGKILL during the async save of step {target}"
         elif i == 2:
             target = max(rc.committed_steps(workdir) or [0]) + 2
-            _wait_then(run, lambda: max(rc.committed_steps(workdir) or [0]) >= target, lambda: time.sleep(rnd.uniform(0, 1.0)),
+            _wait_then(run, lambda: max(rc.committed_steps(workdir) or [0]) >= target, lambda: time.sleep(rnd.uniform(0, 0.3)),
                        f"checkpoint {target}")
             kind = f"SIGKILL after checkpoint {target} + random delay"
         elif i == 3:

@@ -9,9 +9,10 @@ Damage policy (`Checkpointer.restore_latest_good`):
   counts as uncommitted, and one that fails to restore (truncated or missing array files, unreadable metadata,
   missing item) as damaged. Both are skipped newest-first with a warning; once an older step restores, the skipped
   ones are moved to `<directory>.damaged/` (kept for inspection, out of the way of re-saving those steps).
-- If checkpoints exist but none restores, `RestoreError` is raised and nothing is moved: silently restarting
-  from scratch would overwrite a run's history (and a config whose shapes no longer match the checkpoints
-  lands here too). Move the directory away to really start over.
+- If committed checkpoints exist but none restores, `RestoreError` is raised and nothing is moved: silently
+  restarting from scratch would overwrite a run's history (and a config whose shapes no longer match the
+  checkpoints lands here too). Move the directory away to really start over. Only uncommitted saves (the very
+  first save was killed) are moved aside and the run starts from scratch: nothing had been committed yet.
 - Not detected: bit flips inside array files (OCDBT stores no checksums); they restore as wrong values.
 """
 from __future__ import annotations
@@ -100,21 +101,24 @@ class Checkpointer:
         return (epath.Path(self.directory) / str(step) / COMMIT_MARKER).exists()
 
     def restore_latest_good(self, abstract_state, data_iterator=None, on_damaged: Callable[[int, Exception], None] | None = None):
-        """Newest restorable checkpoint as (step, state); (None, None) if the directory holds no checkpoint at all.
+        """Newest restorable checkpoint as (step, state), or (None, None) if no committed checkpoint exists.
 
         Uncommitted or damaged newer steps are skipped with a warning (and moved aside once an older one restores);
-        raises `RestoreError` if there are checkpoints but none restores. See the module docstring.
+        raises `RestoreError` if committed checkpoints exist but none restores. See the module docstring.
         """
         skipped: list[tuple[int, Exception]] = []
+        committed_failures = 0
         for step in reversed(self.step_dirs()):
+            committed = self.is_committed(step)
             try:
-                if not self.is_committed(step):
+                if not committed:
                     raise RestoreError(f"no {COMMIT_MARKER}: the save of step {step} never completed")
                 state = self.restore(step, abstract_state, data_iterator)
             except Exception as e:  # damaged: truncated file, missing item, bad metadata, uncommitted, ...
                 logging.warning("checkpoint at step %d in %s is damaged (%s: %s); trying the previous one",
                                 step, self.directory, type(e).__name__, _short(e))
                 skipped.append((step, e))
+                committed_failures += committed
                 if on_damaged:
                     on_damaged(step, e)
                 continue
@@ -123,13 +127,17 @@ class Checkpointer:
                 logging.warning("resuming from step %d in %s; damaged newer checkpoint(s) %s moved to %s",
                                 step, self.directory, [s for s, _ in skipped], self.damaged_directory)
             return step, state
-        if skipped:
+        if committed_failures:
             details = "; ".join(f"step {s}: {type(e).__name__}: {_short(e)}" for s, e in skipped)
             raise RestoreError(
                 f"none of the {len(skipped)} checkpoint(s) in {self.directory} can be restored ({details}). Refusing to "
                 f"start from scratch over them: if the run's config changed, restore it; to really start over, move "
                 f"{self.directory} away (or point the run at a new --workdir)."
             )
+        if skipped and not self.read_only:  # only saves that never completed (e.g. the first one was killed)
+            self._move_aside([s for s, _ in skipped])
+            logging.warning("no committed checkpoint in %s; incomplete save(s) %s moved to %s", self.directory,
+                            [s for s, _ in skipped], self.damaged_directory)
         return None, None
 
     @property
