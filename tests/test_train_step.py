@@ -47,10 +47,15 @@ def test_sharded_step_equals_single_device_step(tmp_path):
         np.testing.assert_allclose(m_sharded[key], m_single[key], rtol=2e-4, err_msg=key)
     # Adam divides by sqrt(v): where a gradient is ~0, reduction-order noise can flip the update's sign, so a
     # parameter may differ by up to ~2·lr·steps. Everything else must agree tightly.
+    # (Per leaf that bound is flaky: the k third of an attention qkv bias has an exactly-zero true gradient, so all
+    # of its updates are noise; count over all parameters instead.)
     lr_bound = 2 * config.optimizer.lr * 2
+    loose = total = 0
     for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=lr_bound)
-        assert np.mean(np.abs(a - b) > 1e-5) < 0.01  # at most 1 % of entries outside the tight tolerance
+        loose += int(np.sum(np.abs(a - b) > 1e-5))
+        total += a.size
+    assert loose / total < 0.01  # at most 1 % of entries outside the tight tolerance
     for a, b in zip(jax.tree.leaves(sharded.disc_params), jax.tree.leaves(single.disc_params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2 * config.disc_optimizer.lr * 2)
     assert int(sharded.step) == 2 and int(sharded.nonfinite_steps) == 0

@@ -54,6 +54,8 @@ def abstract_step_inputs(config, components: trainer.Components) -> tuple[Any, d
 
         lpips = nnx.split(nnx.eval_shape(lambda: LPIPS(nnx.Rngs(0))))[1]
     frozen = {"model_rest": model_rest, "disc_rest": disc_rest, "lpips": lpips}
+    for key in components.frozen_shardings:  # other frozen inputs of newer steps (e.g. a teacher) are absent here
+        frozen.setdefault(key, None)
     b, s = int(config.global_batch_size), int(config.data.image_size)
     batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32)}
     if config.model.get("text"):

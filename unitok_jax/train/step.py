@@ -53,6 +53,9 @@ class StepContext:
     disc_graphdef: Any = None
     disc_tx: optax.GradientTransformation | None = None
     lpips_graphdef: Any = None
+    # {'params', 'disc_params', <frozen keys>} -> shardings the arrays are gathered to where they are used
+    # (parallel.sharding.compute_shardings); None = use them as stored.
+    compute_shardings: Any = None
     diffaug: Callable[..., jax.Array] | None = None
     model_takes_text: bool = True   # UniTok has a text tower; TokenFlow does not
     teacher_graphdef: Any = None    # TokenFlow's frozen semantic teacher (state in frozen['teacher'])
@@ -94,8 +97,15 @@ def _lpips_value(ctx: StepContext, frozen, rec, images):
     return lpips_loss(lpips_model, images, rec)
 
 
+def _compute_view(ctx: StepContext, name: str, tree):
+    """FSDP: arrays are stored sharded over 'fsdp' and gathered here, so activations stay batch-sharded."""
+    sh = (ctx.compute_shardings or {}).get(name)
+    return tree if sh is None or tree is None else jax.lax.with_sharding_constraint(tree, sh)
+
+
 def _discriminate(ctx: StepContext, disc_params, frozen, images, key):
-    disc = nnx.merge(ctx.disc_graphdef, disc_params, frozen["disc_rest"])
+    disc = nnx.merge(ctx.disc_graphdef, _compute_view(ctx, "disc_params", disc_params),
+                     _compute_view(ctx, "disc_rest", frozen["disc_rest"]))
     return disc(images, rngs_or_key=key)
 
 
@@ -107,6 +117,8 @@ def generator_loss(params, state: TrainState, frozen, batch, keys, ctx: StepCont
     """Total generator loss and its metrics. `keys`: dict of PRNG keys for this step."""
     w = ctx.weights
     images = batch["image"].astype(jnp.float32)
+    params = _compute_view(ctx, "params", params)
+    frozen = {k: v if k == "disc_rest" else _compute_view(ctx, k, v) for k, v in frozen.items()}
     # copy=True: fresh Variables at this trace level (reusing the jit-level ones raises TraceContextError
     # inside value_and_grad when the model holds Rngs, i.e. drop_path_rate > 0).
     model = nnx.merge(ctx.model_graphdef, params, frozen["model_rest"], copy=True)
