@@ -77,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.resume_from = ""   # explicit checkpoint dir used when the workdir has none
     c.init_from = ""     # params-only initialisation (fine-tuning)
     c.global_batch_size = 32
+    c.grad_accum_steps = 1  # k > 1: each step averages the gradients of k micro-batches (CLIP negatives per micro-batch)
     c.eval_batch_size = 16
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="data_parallel"))
