@@ -150,3 +150,41 @@ def test_damaged_newest_checkpoint_falls_back_and_still_matches(reference, data_
     assert f"checkpoint at step {newest}" in run.stderr() and "is damaged" in run.stderr()
     assert sorted(os.listdir(ckpts + ".damaged")) == sorted([str(newest), str(second)])
     _assert_same_state(rc.saved_state(workdir, rc.TOTAL_STEPS), ref_state)
+
+
+def test_random_sigkills_resume_bitwise(reference, data_dir, tmp_path):
+    """Opt-in stress: UNITOK_RELIABILITY_KILLS=N SIGKILLs at random steps (random sub-step delay too), restarting
+    after each, then a run to completion; seed UNITOK_RELIABILITY_SEED. Skipped unless N > 0 (CI time)."""
+    kills = int(os.environ.get("UNITOK_RELIABILITY_KILLS", "0"))
+    if kills <= 0:
+        pytest.skip("set UNITOK_RELIABILITY_KILLS=N to run N random SIGKILL trials")
+    rnd = random.Random(int(os.environ.get("UNITOK_RELIABILITY_SEED", "0")))
+    ref_dir, ref_state = reference
+    workdir = tmp_path / "run"
+    args = rc.train_args(workdir, data_dir)
+    trials, newest = [], 0
+    for i in range(kills + 1):
+        run = rc.Run(args, str(tmp_path / f"attempt{i}"))
+        assert run.wait_for(lambda: "training steps" in run.stdout()), run.describe()
+        assert (rc.resumed_step(run.stdout()) or 0) == newest, run.describe()
+        if i == kills or newest >= rc.TOTAL_STEPS:
+            assert run.finish() == 0, run.describe()
+            break
+        target = min(newest + rnd.randint(1, 8), rc.TOTAL_STEPS - 1)  # 1-8 steps past the resume point
+        run.wait_for(lambda: run.last_step() >= target)
+        time.sleep(rnd.uniform(0, 0.3))
+        in_flight, at = bool(rc.in_flight_saves(workdir)), run.last_step()
+        if run.proc.poll() is not None:  # finished before the kill landed
+            assert run.finish() == 0, run.describe()
+            trials.append(dict(target=target, killed=False))
+            newest = rc.TOTAL_STEPS
+            continue
+        run.proc.send_signal(signal.SIGKILL)
+        run.finish(timeout=60)
+        newest = max(rc.committed_steps(workdir) or [0])
+        # Lost: the steps since the newest *committed* checkpoint. With async saves the newest may still be in
+        # flight (a save waits for the previous one), so that is at most two checkpoint intervals.
+        assert at - newest <= 2 * rc.get_config().ckpt_every_steps, (at, newest)
+        trials.append(dict(target=target, step_at_kill=at, save_in_flight=in_flight, resumed_next_at=newest))
+    print(f"random kill trials ({len(trials)}):", trials)
+    _assert_same_state(rc.saved_state(workdir, rc.TOTAL_STEPS), ref_state)
