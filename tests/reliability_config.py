@@ -1,7 +1,7 @@
 """Micro-sized training config for the reliability tests that drive `python -m unitok_jax.main` as a subprocess.
 
     python -m unitok_jax.main --config=tests/reliability_config.py:gan --workdir=/tmp/run \
-        --config.data.data_dir=/tmp/data --config.total_steps=12
+        --config.data.data_dir=/tmp/data
 
 `arg`: 'gan' (discriminator on from step 0, the default) or 'nogan'. The values are those of
 `tests/train_helpers.micro_config` (a few-second compile); the data dir should be set with
