@@ -30,4 +30,6 @@ def micro_config(tmp_path, *, gan: bool = True, batch: int = 8, steps: int = 4):
     c.loss.gan = 0.4 if gan else 0.0
     c.loss.gan_start = 0.0
     c.loss.gan_ramp = 2.0
+    c.eval.every_steps = 0  # periodic evals have their own tests (tests/test_evaluate.py)
+    c.eval.at_end = False
     return c
