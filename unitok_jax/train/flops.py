@@ -330,7 +330,7 @@ def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
 # Trainer hook.
 
 class FlopsMeter:
-    """Turns measured steps/s into `perf/tflops_per_device` and `perf/mfu` (NaN when the chip's peak is unknown)."""
+    """Turns measured steps/s into `perf/tflops_per_device` and `perf/mfu` (left out when the peak is unknown)."""
 
     def __init__(self, config, devices):
         devices = list(devices)
@@ -347,6 +347,11 @@ class FlopsMeter:
         return self._per_step[bool(gan_active)]
 
     def metrics(self, steps_per_sec: float, gan_active: bool) -> dict[str, float]:
+        """`perf/tflops_per_device`, plus `perf/mfu` when the chip's peak is known (not on CPU: no NaN in logs)."""
         achieved = self.flops_per_step(gan_active) * steps_per_sec / max(self.num_devices, 1)
-        mfu = achieved / self.peak if self.peak else math.nan
-        return {"perf/tflops_per_device": achieved / 1e12, "perf/mfu": mfu}
+        if not math.isfinite(achieved):
+            return {}
+        out = {"perf/tflops_per_device": achieved / 1e12}
+        if self.peak:
+            out["perf/mfu"] = achieved / self.peak
+        return out
