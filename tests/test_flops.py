@@ -1,7 +1,6 @@
 """Analytic FLOPs (unitok_jax.train.flops) vs the official FlopCounter numbers and vs XLA's own count."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
