@@ -14,7 +14,7 @@ from unitok_jax.train.validation import validate_config
 
 
 @pytest.mark.slow
-def test_train_writes_outputs_and_resume_matches_uninterrupted_run(tmp_path):
+def test_train_writes_outputs_and_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     config = micro_config(tmp_path, gan=True, steps=4)
     config.loss.gan_start = 2.0  # steps 0-1 without GAN, 2-3 with it: both compiled variants run
     full_dir, split_dir = str(tmp_path / "full"), str(tmp_path / "split")
@@ -30,20 +30,19 @@ def test_train_writes_outputs_and_resume_matches_uninterrupted_run(tmp_path):
     assert sorted(os.listdir(os.path.join(full_dir, "images")))[-1].endswith(".png")
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(full_dir, "tensorboard")))
 
-    # Interrupted run: stop after 2 steps, rerun the same config → resumes at step 2 and ends identical.
-    config.total_steps = 2
-    trainer.train(config, split_dir)
-    config.total_steps = 4
+    # Interrupted run: a preemption notice at step 2 (same config, so the same LR schedule and GAN start), then the
+    # same command again → resumes at step 2 and ends identical.
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "_preemption_reached", lambda step: step == 2)
+        interrupted = trainer.train(config, split_dir)
+    assert interrupted["final_step"] == 2
     resumed = trainer.train(config, split_dir)
     assert resumed["start_step"] == 2 and resumed["origin"].startswith("resumed")
 
-    from unitok_jax.train.checkpointing import Checkpointer
+    from unitok_jax.train.checkpointing import restore_params_only
 
     def final_params(directory):
-        ckpt = Checkpointer(os.path.join(directory, "checkpoints"), async_save=False)
-        restored = ckpt.manager.restore(4)
-        ckpt.close()
-        return restored["state"]["params"]
+        return restore_params_only(os.path.join(directory, "checkpoints", "4"), None)
 
     for a, b in zip(jax.tree.leaves(final_params(full_dir)), jax.tree.leaves(final_params(split_dir))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -14,7 +14,7 @@ from flax import nnx
 
 import unitok_jax  # noqa: F401
 from unitok_jax.convert.official import build_abstract, load_unitok, to_official_state_dict
-from unitok_jax.models import MODELS, build_model
+from unitok_jax.models import MODELS, TokenFlow, build_model
 from unitok_jax.models.unitok import UniTok, model_config, normalize_config
 
 
@@ -254,8 +254,8 @@ def test_presets_and_config_validation():
 
 
 def test_registry():
-    assert MODELS == {"unitok": UniTok}
-    with pytest.raises(ValueError, match=r"unknown model 'vqgan'; available: \['unitok'\]"):
+    assert MODELS == {"unitok": UniTok, "tokenflow": TokenFlow}
+    with pytest.raises(ValueError, match=r"unknown model 'vqgan'; available: \['tokenflow', 'unitok'\]"):
         build_model("vqgan", model_config("tiny"), nnx.Rngs(0))
     model = nnx.eval_shape(lambda: build_model("unitok", model_config("tiny"), nnx.Rngs(0)))
     assert isinstance(model, UniTok)
