@@ -176,16 +176,36 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params_only(path: str, abstract_params) -> Any:
-    """`init_from`: load only the generator params of another run's checkpoint (step dir or run dir)."""
+def restore_params_only(path: str, abstract_params=None) -> Any:
+    """Only the generator params of a checkpoint (step dir, checkpoints dir or run dir), on any device topology.
+
+    Used by `init_from`, tests and tools. The checkpoint may come from another mesh or process count, so the saved
+    shardings are ignored: leaves go to `abstract_params`' shardings when given (a tree of ShapeDtypeStruct with
+    `.sharding`, e.g. the trainer's), else to the first local device. Nothing but `params` is read.
+    """
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         path = os.path.join(path, "checkpoints")
     if not os.path.isdir(os.path.join(path, "state")):
-        steps = sorted(int(d) for d in os.listdir(path) if d.isdigit())
+        steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
         if not steps:
-            raise RestoreError(f"init_from={path!r}: no checkpoint steps found")
+            raise RestoreError(f"{path!r}: no checkpoint steps found (expected <run>/checkpoints/<step>/state)")
         path = os.path.join(path, str(steps[-1]))
-    checkpointer = ocp.StandardCheckpointer()
-    restored = checkpointer.restore(os.path.join(path, "state"))
+    state_dir = os.path.join(path, "state")
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(state_dir)
+        tree = getattr(metadata, "item_metadata", metadata)
+        if "params" not in tree:
+            raise RestoreError(f"{state_dir}: no 'params' in this checkpoint (items: {sorted(tree)})")
+        saved = tree["params"]
+        if abstract_params is None:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: device, saved)
+        else:
+            shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
+        target = jax.tree.map(lambda m, sh: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh), saved, shardings)
+        restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype),
+                                    target)
+        restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
     return restored["params"]

@@ -1,0 +1,46 @@
+"""Params-only restore (`init_from`, tools, tests) works across device topologies and reads only `params`."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from unitok_jax.train.checkpointing import Checkpointer, RestoreError, restore_params_only
+
+
+def _save_sharded_state(directory):
+    """A state saved from an 8-device mesh, params sharded over all devices (as an FSDP run writes them)."""
+    mesh = jax.make_mesh((8,), ("fsdp",))
+    sharded = NamedSharding(mesh, P("fsdp"))
+    params = {"enc": {"w": jax.device_put(jnp.arange(32.0).reshape(16, 2), sharded)},
+              "dec": {"b": jax.device_put(jnp.ones((8,), jnp.bfloat16), sharded)}}
+    state = {"params": params, "opt_state": {"mu": jax.device_put(jnp.zeros((16, 2)), sharded)}, "step": jnp.int32(3)}
+    ckpt = Checkpointer(str(directory), async_save=False)
+    ckpt.save(3, state, force=True)
+    ckpt.close()
+    return params
+
+
+def test_restore_params_only_onto_one_device_and_onto_given_shardings(tmp_path):
+    want = _save_sharded_state(tmp_path / "checkpoints")
+    # Run dir, checkpoints dir and step dir all resolve to step 3.
+    for path in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "3"):
+        got = restore_params_only(str(path))
+        assert set(got) == {"enc", "dec"}  # only params: no opt_state, no step
+        leaf = got["enc"]["w"]
+        assert leaf.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want["enc"]["w"]))
+        assert got["dec"]["b"].dtype == jnp.bfloat16
+
+    # Onto another mesh layout (2 x 4, sharded on the second axis), as init_from does for a new run's mesh.
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+    sh = NamedSharding(mesh, P("fsdp"))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), want)
+    got = restore_params_only(str(tmp_path), abstract)
+    assert got["enc"]["w"].sharding == sh
+    np.testing.assert_array_equal(np.asarray(got["enc"]["w"]), np.asarray(want["enc"]["w"]))
+
+
+def test_restore_params_only_names_the_problem(tmp_path):
+    with pytest.raises(RestoreError, match="no checkpoint steps found"):
+        restore_params_only(str(tmp_path))
