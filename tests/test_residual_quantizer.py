@@ -230,3 +230,40 @@ def test_rq_is_a_drop_in_for_unitok_mcq():
         assert np.shape(ar[key]) == np.shape(v), key
     assert np.asarray(jax.jit(rq.lookup)(jnp.asarray(ar["indices"]))).shape == qr.shape
     assert jax.jit(rq.encode)(z).shape == jax.jit(mcq.encode)(z).shape
+
+
+def test_unitok_quantizer_type_switch_builds_the_rq_ablation():
+    """`model.quantizer.type='rq'` is the paper's MCQ-vs-RQ ablation in one switch: same code width/count, trains
+    (gradients reach the RQ codebooks and the encoder), decodes from indices; the official export refuses it."""
+    from unitok_jax.convert.official import to_official_state_dict
+    from unitok_jax.models.unitok import UniTok, model_config
+
+    cfg = model_config("tiny")
+    k, K, d = cfg.quantizer.num_codebooks, cfg.quantizer.codebook_size, cfg.quantizer.codebook_dim
+    cfg.quantizer.type = "rq"
+    model = UniTok(cfg, rngs=nnx.Rngs(0))
+    assert isinstance(model.quantizer, ResidualQuantizer)
+    assert model.quantizer.codebooks.shape == (k, K, k * d)  # k stages over the whole k*d latent
+    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, cfg.image_size, cfg.image_size, 3)), jnp.float32)
+
+    def loss_fn(m):
+        rec, aux = m(images)
+        return jnp.mean(jnp.square(rec - images)) + aux["vq_loss"], aux
+
+    grads, aux = nnx.grad(loss_fn, has_aux=True)(model)
+    n = (cfg.image_size // 16) ** 2
+    assert aux["indices"].shape == (2, k, n) and aux["codebook_counts"].shape == (k, K)
+    assert float(jnp.sum(jnp.abs(grads["quantizer"]["codebooks"][...]))) > 0
+    assert float(jnp.sum(jnp.abs(jax.tree.leaves(grads["encoder"])[0]))) > 0
+    np.testing.assert_array_equal(np.asarray(model.img_to_idx(images)), np.asarray(aux["indices"]))
+    # Decoding the indices = decoding the quantized latent (the sum of the k stage codes).
+    np.testing.assert_allclose(np.asarray(model.idx_to_img(aux["indices"])),
+                               np.clip(np.asarray(rec_from_latent := model.decode_latent(
+                                   model.quantizer.lookup(aux["indices"]))), -1, 1), rtol=1e-5, atol=1e-5)
+    assert rec_from_latent.shape == images.shape
+    with pytest.raises(ValueError, match="official UniTok layout only has the multi-codebook"):
+        to_official_state_dict(model)
+
+    cfg.quantizer.type = "fsq"
+    with pytest.raises(ValueError, match=r"quantizer.type='fsq' is unknown; use one of \['mcq', 'rq'\]"):
+        UniTok(cfg, rngs=nnx.Rngs(0))

@@ -184,6 +184,11 @@ def unitok_params_from_state_dict(state_dict: Mapping[str, Any], model: UniTok) 
 def to_official_state_dict(model_or_state, config=None, *, include_buffers: bool = True) -> dict[str, np.ndarray]:
     """Ours → official {key: float32 numpy}. Accepts a UniTok, or an nnx.State of params / gradients (then pass
     `config`, needed only for the zero buffers). Emits every official key incl. the zero buffers."""
+    cfg = getattr(model_or_state, "config", None) or config
+    quantizer_type = cfg["quantizer"].get("type", "mcq") if cfg is not None else "mcq"
+    if quantizer_type != "mcq":
+        raise ValueError(f"quantizer.type={quantizer_type!r}: the official UniTok layout only has the multi-codebook "
+                         f"quantizer ('mcq'); an RQ-ablation model cannot be exported to it")
     out = {}
     values = {path: _value(leaf) for path, leaf in _flat_params(model_or_state)}
     for e in _entries(model_or_state):

@@ -23,6 +23,7 @@ from flax import nnx
 from unitok_jax.models import layers as L
 from unitok_jax.models.attn_projection import AttnProjection, check_attn_projection
 from unitok_jax.models.mcq import MultiCodebookQuantizer
+from unitok_jax.models.residual_quantizer import ResidualQuantizer
 from unitok_jax.models.pixel_decoder import PixelDecoder
 from unitok_jax.models.text_tower import TEXT_POOLS, TextTransformer, torch_default_uniform
 from unitok_jax.models.vit import REMAT_POLICIES, InitKeys
@@ -33,6 +34,8 @@ HIGHEST = jax.lax.Precision.HIGHEST
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EXTRA_DEFAULTS = {"dtype": "float32", "drop_path_rate": 0.0, "remat": "none", "scan_blocks": False}
 
+
+QUANTIZERS = {"mcq": MultiCodebookQuantizer, "rq": ResidualQuantizer.from_mcq_args}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configs
@@ -48,7 +51,8 @@ def _preset(*, image_size, stem, stages, vit_width, vit_depth, vit_heads, k, K, 
         },
         "quant_proj": {"in_dim": vit_width, "out_dim": k * d, "heads": quant_heads, "head_reduction": "mean",
                        "causal": False},
-        "quantizer": {"num_codebooks": k, "codebook_size": K, "codebook_dim": d, "beta": 0.25, "l2_norm": True},
+        "quantizer": {"type": "mcq", "num_codebooks": k, "codebook_size": K, "codebook_dim": d, "beta": 0.25,
+                      "l2_norm": True},
         "post_quant_proj": {"in_dim": k * d, "out_dim": vit_width, "heads": quant_heads, "head_reduction": "concat",
                             "causal": False},
         "decoder": {"vit_width": vit_width, "vit_depth": vit_depth, "vit_heads": vit_heads,
@@ -117,7 +121,7 @@ SCHEMA = {
                 "vit_heads", "mlp", "mlp_ratio", "pos_embed"},
     "quant_proj": {"in_dim", "out_dim", "heads", "head_reduction", "causal"},
     "post_quant_proj": {"in_dim", "out_dim", "heads", "head_reduction", "causal"},
-    "quantizer": {"num_codebooks", "codebook_size", "codebook_dim", "beta", "l2_norm"},
+    "quantizer": {"type", "num_codebooks", "codebook_size", "codebook_dim", "beta", "l2_norm"},
     "decoder": {"vit_width", "vit_depth", "vit_heads", "channel_table", "inv_mbconv_depths", "mbconv_expand_ratio",
                 "mlp_ratio"},
     "clip": {"embed_dim", "logit_scale_max"},
@@ -160,6 +164,8 @@ def validate_config(cfg) -> None:
         v = _req(cfg, path)
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if path.endswith("depth") else 1):
             fail(f"{path} must be a positive integer, got {v!r}")
+    if cfg.quantizer.get("type", "mcq") not in QUANTIZERS:
+        fail(f"quantizer.type={cfg.quantizer.type!r} is unknown; use one of {sorted(QUANTIZERS)}")
     if cfg.image_size % 16:
         fail(f"image_size={cfg.image_size} must be divisible by 16 (total downsampling)")
     enc = cfg.encoder
@@ -240,8 +246,11 @@ class UniTok(nnx.Module):
         self.quant_proj = AttnProjection(qp.in_dim, qp.out_dim, qp.heads, head_reduction=qp.get("head_reduction", "mean"),
                                          causal=bool(qp.get("causal", False)), dtype=jnp.float32, precision=HIGHEST,
                                          rngs=rngs)
-        self.quantizer = MultiCodebookQuantizer(q.num_codebooks, q.codebook_size, q.codebook_dim,
-                                                beta=q.get("beta", 0.25), l2_norm=q.get("l2_norm", True), rngs=rngs)
+        # 'mcq' (the paper) or 'rq' (the paper's ablation baseline: num_codebooks residual stages over the whole
+        # num_codebooks*codebook_dim latent, same code width and number of codes); both share one call surface.
+        self.quantizer = QUANTIZERS[q.get("type", "mcq")](q.num_codebooks, q.codebook_size, q.codebook_dim,
+                                                           beta=q.get("beta", 0.25), l2_norm=q.get("l2_norm", True),
+                                                           rngs=rngs)
         self.post_quant_proj = AttnProjection(pq.in_dim, pq.out_dim, pq.heads,
                                               head_reduction=pq.get("head_reduction", "concat"),
                                               causal=bool(pq.get("causal", False)), dtype=jnp.float32,

@@ -176,7 +176,10 @@ def unitok_forward_flops(model_cfg, image_size: int | None = None, *, include_at
     qp, q, pq = model_cfg.quant_proj, model_cfg.quantizer, model_cfg.post_quant_proj
     out = dict(encoder_flops(model_cfg.encoder, s, include_attention=include_attention))
     out["quant_proj"] = attn_projection_flops(n, qp.in_dim, qp.out_dim, include_attention=include_attention)
-    out["quantizer"] = dense(n * q.num_codebooks, q.codebook_dim, q.codebook_size)  # cosine similarities
+    if _get(q, "type", "mcq") == "rq":  # k stages, each against K entries of the full k·d latent
+        out["quantizer"] = dense(n * q.num_codebooks, q.num_codebooks * q.codebook_dim, q.codebook_size)
+    else:  # k chunks of d dims, each against its own K entries (cosine similarities)
+        out["quantizer"] = dense(n * q.num_codebooks, q.codebook_dim, q.codebook_size)
     out["post_quant_proj"] = attn_projection_flops(n, pq.in_dim, pq.out_dim, include_attention=include_attention)
     mlp_ratio = float(_get(model_cfg.decoder, "mlp_ratio", model_cfg.encoder.mlp_ratio))
     out.update(decoder_flops(model_cfg.decoder, n_side, mlp_ratio=mlp_ratio, include_attention=include_attention))
