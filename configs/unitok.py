@@ -144,6 +144,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.total_steps = 78128
             c.ckpt_every_steps = 1000
             c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, rules="fsdp"))
+            # 64 images/chip (256 chips) need ~200 GiB/chip in one pass (CPU AOT estimate, benchmarks/RESULTS.md);
+            # --config.grad_accum_steps=8 brings it to ~31 GiB at the cost of CLIP negatives per micro-batch.
         else:
             c.global_batch_size = 64 if variant == "b16_single_gpu" else 4096
             c.total_steps = 100_000

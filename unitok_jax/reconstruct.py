@@ -18,14 +18,20 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (only needed when the checkpoint has none).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run dir, step dir, or official .pth/.npz file.", required=True)
-_IMAGES = flags.DEFINE_list("images", None, "Image files, globs or directories.", required=True)
-_OUTPUT = flags.DEFINE_string("output", "reconstructions", "Output directory.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Input size (default: the model's image_size, else 256).")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
-_PRESET = flags.DEFINE_string("model_preset", None,
-                              "For official .pth/.npz files: vitamin_large | vitamin_base | tiny (default: inferred).")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """CLI flags, defined only when run as a program (importing this module defines none, so its functions can be
+    used next to other CLIs' flags, e.g. from a notebook or a test)."""
+    config_flags.DEFINE_config_file("config", None, "Training config (only needed when the checkpoint has none).")
+    flags.DEFINE_string("checkpoint", None, "Run dir, step dir, or official .pth/.npz file.", required=True)
+    flags.DEFINE_list("images", None, "Image files, globs or directories.", required=True)
+    flags.DEFINE_string("output", "reconstructions", "Output directory.")
+    flags.DEFINE_integer("image_size", None, "Input size (default: the model's image_size, else 256).")
+    flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
+    flags.DEFINE_string("model_preset", None,
+                        "For official .pth/.npz files: vitamin_large | vitamin_base | tiny (default: inferred).")
 
 
 def expand_image_paths(specs: list[str]) -> list[str]:
@@ -72,32 +78,33 @@ def main(argv):
     from unitok_jax.train.metric_writers import to_uint8
     from PIL import Image
 
-    if _PRESET.value and os.path.isfile(_CHECKPOINT.value):
+    if FLAGS.model_preset and os.path.isfile(FLAGS.checkpoint):
         from unitok_jax.convert.official import load_unitok
         from unitok_jax.convert.torch_io import load_state_dict
 
-        path = _CHECKPOINT.value
+        path = FLAGS.checkpoint
         if path.endswith(".npz"):
             with np.load(path) as z:
                 source = {k.removeprefix("param/"): z[k] for k in z.files if not k.startswith(("in/", "out/", "grad/"))}
         else:
             source = load_state_dict(path, subkeys=("trainer", "unitok"))
-        model, step = load_unitok(source, _PRESET.value), None
+        model, step = load_unitok(source, FLAGS.model_preset), None
     else:
-        model, step = load_model_from_checkpoint(_CONFIG.value, _CHECKPOINT.value)
-    size = _IMAGE_SIZE.value or int(getattr(model, "config", {}).get("image_size", 256) or 256)
-    paths, images = load_images(expand_image_paths(_IMAGES.value), size)
-    codes, recs = reconstruct(model, images, _BATCH.value)
-    os.makedirs(_OUTPUT.value, exist_ok=True)
+        model, step = load_model_from_checkpoint(FLAGS.config, FLAGS.checkpoint)
+    size = FLAGS.image_size or int(getattr(model, "config", {}).get("image_size", 256) or 256)
+    paths, images = load_images(expand_image_paths(FLAGS.images), size)
+    codes, recs = reconstruct(model, images, FLAGS.batch_size)
+    os.makedirs(FLAGS.output, exist_ok=True)
     for path, image, rec in zip(paths, images, recs):
         name = os.path.splitext(os.path.basename(path))[0]
         pair = np.concatenate([to_uint8(image), to_uint8(rec)], axis=1)
-        Image.fromarray(pair).save(os.path.join(_OUTPUT.value, f"{name}_recon.png"))
-    np.savez(os.path.join(_OUTPUT.value, "codes.npz"), codes=codes, files=np.array(paths))
+        Image.fromarray(pair).save(os.path.join(FLAGS.output, f"{name}_recon.png"))
+    np.savez(os.path.join(FLAGS.output, "codes.npz"), codes=codes, files=np.array(paths))
     psnr = [float(10 * np.log10(4.0 / max(np.mean((a - b) ** 2), 1e-12))) for a, b in zip(images, np.clip(recs, -1, 1))]
     print(f"reconstructed {len(paths)} images (checkpoint step {step}); codes {codes.shape}; "
-          f"mean PSNR {np.mean(psnr):.2f} dB; written to {_OUTPUT.value}")
+          f"mean PSNR {np.mean(psnr):.2f} dB; written to {FLAGS.output}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -108,6 +108,8 @@ def normalize_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_c
     for key, value in EXTRA_DEFAULTS.items():
         plain.setdefault(key, value)
     plain.setdefault("text", None)
+    if isinstance(plain.get("quantizer"), dict):  # configs from before the switch (and the fixtures) mean MCQ
+        plain["quantizer"].setdefault("type", "mcq")
     out = ml_collections.ConfigDict(plain)
     validate_config(out)
     return out

@@ -368,7 +368,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 raise error
             pending_counter = metrics["train/consecutive_nonfinite"]  # metrics are not donated; the state is
 
-            if step % config.log_every_steps == 0 or step == config.total_steps:
+            # Also the first step of every invocation: the starting losses (and a resume's) are on record.
+            if step % config.log_every_steps == 0 or step == config.total_steps or step == start_step + 1:
                 scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = max(time.time() - window_start, 1e-9)
                 scalars["perf/images_per_sec"] = window_steps * config.global_batch_size / elapsed
