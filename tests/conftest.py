@@ -6,6 +6,18 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
+# One persistent XLA compilation cache per test session (shared by the xdist workers, which inherit the
+# environment): the end-to-end tests compile the same train steps again on every (re)start of a run, as a
+# production restart would, and this turns those repeats into cache hits. Only compiles of >= 1 s are stored.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="unitok_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
