@@ -83,14 +83,12 @@ def main(_):
         sub_graph, sub_params, sub_rest = nnx.split(getattr(model, name), nnx.Param, ...)
         if name == "encoder":
             x_in = images
-            call = lambda m, x: m(x, deterministic=False, rngs=nnx.Rngs(dropout=0))  # noqa: E731
-        else:
+        else:  # the decoder starts from the (b, tokens, width) grid the post-quant projection gives it
             n_side = s // 16
             x_in = jax.ShapeDtypeStruct((b, n_side * n_side, int(config.model.decoder.vit_width)), jnp.float32)
-            call = lambda m, x: m(x, deterministic=False, rngs=nnx.Rngs(dropout=0))  # noqa: E731
 
-        def part_loss(p, r, x, sub_graph=sub_graph, call=call):
-            out = call(nnx.merge(sub_graph, p, r, copy=True), x)
+        def part_loss(p, r, x, sub_graph=sub_graph):
+            out = nnx.merge(sub_graph, p, r, copy=True)(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
             return jnp.mean(jnp.square(out[0].astype(jnp.float32)))
 
         report(name, *_compile(jax.grad(part_loss), sub_params, sub_rest, x_in))

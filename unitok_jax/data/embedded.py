@@ -134,14 +134,13 @@ def _sample_scene(rng: np.random.Generator) -> dict[str, Any]:
   background = bg_names[int(rng.integers(len(bg_names)))]
   texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
   cells = rng.permutation(len(POSITIONS))[:num_objects]
-  allowed = [c for c in color_names if c != background]
   objects = []
   for k in range(num_objects):
     size_names = list(SIZES)
     # The main object is never smaller than the others, so "the main object" is also visually dominant.
     size = size_names[int(rng.integers(1, 3))] if k == 0 else size_names[int(rng.integers(0, 2))]
     objects.append({
-        "color": allowed[int(rng.integers(len(allowed)))],
+        "color": color_names[int(rng.integers(len(color_names)))],  # backgrounds are neutral: never the same
         "shape": SHAPES[int(rng.integers(len(SHAPES)))],
         "size": size,
         "position": POSITIONS[int(cells[k])][0],
