@@ -2,9 +2,15 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+_flags = os.environ.get("XLA_FLAGS", "").split()
+if not any("xla_force_host_platform_device_count" in f for f in _flags):
+    _flags.append("--xla_force_host_platform_device_count=8")
+# The suite is compile-bound (tiny shapes, many distinct programs): skipping LLVM's expensive optimisations cuts
+# XLA:CPU compile times by ~40 % (micro train step 22.6 s -> 14.6 s, state init 21 s -> 9 s) while the programs
+# still compute the same IEEE results (fast-math stays off). Tests only; a user-set flag wins.
+if not any("xla_backend_optimization_level" in f for f in _flags):
+    _flags += ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+os.environ["XLA_FLAGS"] = " ".join(_flags)
 
 # One persistent XLA compilation cache per test session (shared by the xdist workers, which inherit the
 # environment): the end-to-end tests compile the same train steps again on every (re)start of a run, as a

@@ -44,3 +44,29 @@ def test_restore_params_only_onto_one_device_and_onto_given_shardings(tmp_path):
 def test_restore_params_only_names_the_problem(tmp_path):
     with pytest.raises(RestoreError, match="no checkpoint steps found"):
         restore_params_only(str(tmp_path))
+
+
+def test_single_process_save_compiles_nothing_for_replicated_arrays(tmp_path):
+    """One process holds every replica: Orbax's replica-parallel slicing (one compiled slice program per array shape,
+    ~15 s per save for the tiny model) must be off; the saved values are unchanged."""
+    replicated = NamedSharding(jax.make_mesh((8,), ("data",)), P())
+    state = {f"w{i}": jax.device_put(jnp.full((i + 1, 3), float(i)), replicated) for i in range(12)}
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+        ckpt.save(1, state, force=True)
+        ckpt.close()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    back = Checkpointer(str(tmp_path / "ckpt"), async_save=False, read_only=True)
+    got = back.restore(1, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state))
+    back.close()
+    for k in state:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(state[k]))
