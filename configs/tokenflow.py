@@ -7,6 +7,11 @@ Variants (`--config=configs/tokenflow.py:<variant>`):
               smoke test of the code path).
   clipb_256   CLIP-ViT-B/16 semantic encoder, 256 px, scales (1,2,4,...,16), 32768 shared codes, official recipe.
   siglip_384  SigLIP-SO400M semantic encoder, 384 px.
+  vitamin_256 ViTamin-XL/16 semantic encoder and teacher (timm vitamin_xlarge_256), 256 px, 817 tokens (no official
+              TokenFlow checkpoint exists for it).
+Pretrained weights (never downloaded): --config.teacher_path=FILE for the frozen teacher and
+--config.semantic_init_path=FILE for the student's starting point (the official code starts the student from the
+same pretrained tower): an OpenAI CLIP .pt/.npz (`visual.*`), an HF SigLIP vision state dict or a timm ViTamin one.
 Official recipe (models/tokenflow.py TOKENFLOW_TRAIN_RECIPES): Adam(0.9, 0.95) lr 1e-4 constant, no weight decay,
 clip 1.0; L2 + LPIPS + VQ + commit(0.25) + cosine distillation; hinge PatchGAN weight 0.5 from step 20000,
 no adaptive weight; scale drop 0.1.
@@ -17,7 +22,14 @@ import ml_collections
 
 from unitok_jax.config_lib import parse_variant
 
-VARIANTS = ("tiny", "clipb_256", "siglip_384")
+VARIANTS = ("tiny", "clipb_256", "siglip_384", "vitamin_256")
+# config variant -> (model preset in models/tokenflow.py, official training recipe)
+_MODEL_AND_RECIPE = {
+    "tiny": ("tiny", "clipb_224"),
+    "clipb_256": ("clipb_256", "clipb_224"),
+    "siglip_384": ("siglip_384", "siglip_384"),
+    "vitamin_256": ("vitamin_xlarge_256", "vitamin_xlarge_256"),
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -33,10 +45,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = unitok_configs.get_config("tiny" if variant == "tiny" else "base")
     c.variant = variant
     c.model_name = "tokenflow"
-    c.model = ml_collections.ConfigDict(tokenflow_model_config(variant))
-    c.teacher_path = ""
+    preset, recipe_name = _MODEL_AND_RECIPE[variant]
+    c.model = ml_collections.ConfigDict(tokenflow_model_config(preset))
+    c.teacher_path = ""          # frozen distillation teacher (random, with a warning, when empty)
+    c.semantic_init_path = ""    # pretrained student semantic tower (fresh random init when empty)
     c.eval.names = "recon"  # no text tower: zero-shot does not apply
-    recipe = TOKENFLOW_TRAIN_RECIPES["clipb_224" if variant == "tiny" else ("siglip_384" if variant == "siglip_384" else "clipb_224")]
+    recipe = TOKENFLOW_TRAIN_RECIPES[recipe_name]
 
     c.loss.update(dict(l1=0.0, l2=recipe["rec_weight"], vq=1.0, clip=0.0, distill=recipe["sem_distill_weight"],
                        gan=recipe["disc_weight"], adaptive_gan_weight=False, gan_ramp=0.0, bcr=0.0))
@@ -53,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optimizer.lr = 1e-3
         c.data.image_size = c.model.image_size
     else:
-        c.data.image_size = recipe["image_size"] if variant == "siglip_384" else 256
+        c.data.image_size = recipe["image_size"] if variant == "siglip_384" else 256  # clipb trains at 256 (T2I)
         c.global_batch_size = recipe["global_batch_size"]
         c.loss.gan_start = float(recipe["disc_start"])
         c.loss.lpips = recipe["perceptual_weight"]

@@ -72,7 +72,7 @@ class _Entry:
         return x
 
 
-def _official_name(path: tuple) -> tuple[str, str]:
+def official_param_name(path: tuple) -> tuple[str, str]:
     """Our (unstacked) param path → (official key, kind)."""
     parts = [str(p) for p in path]
     leaf = parts[-1]
@@ -110,7 +110,7 @@ def _entries(model_or_state) -> list[_Entry]:
             continue
         stacked = tuple(path[:2]) in _STACKS and len(path) > 3 and path[2] == "layers" and not isinstance(path[3], int)
         slice_shape = shape[1:] if stacked else shape
-        key, kind = _official_name(path)
+        key, kind = official_param_name(path)
         if path[-1] == "kernel":
             kind = {2: "linear", 4: "conv"}[len(slice_shape)]
         if stacked:

@@ -2,8 +2,9 @@
 
 `load_tokenflow(path_or_state_dict, config)` builds the model abstractly (no random init) and fills every
 parameter from the checkpoint; every checkpoint key is either consumed or on an explicit ignore list
-(`quantize.codebook_used`, the usage FIFO; SigLIP's `scaling_layer.*` constant buffers and the unused last block /
-post_layernorm / MAP head). Missing, unexpected and shape-mismatched keys raise with the key names.
+(`quantize.codebook_used`, the usage FIFO; the SigLIP/ViTamin `scaling_layer.*` constant buffers; SigLIP's unused
+last block / post_layernorm / MAP head). The ViTamin semantic encoder (`encoder_vqkd.` + timm ViTamin keys) shares
+UniTok's ViTamin naming rule (`convert.official.official_param_name`). Missing, unexpected and shape-mismatched keys raise with the key names.
 `to_official_state_dict(model)` is the reverse (for a strict `load_state_dict` in the official code).
 
 Layout rules: Linear (out, in) -> kernel (in, out); Conv (O, I, kh, kw) -> (kh, kw, I, O); everything else copied.
@@ -19,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unitok_jax.convert.official import official_param_name
 from unitok_jax.convert.torch_io import load_state_dict
 from unitok_jax.models.clip_vit import CLIPViT
+from unitok_jax.models.vitamin_semantic import ViTaminSemantic
 from unitok_jax.models.tokenflow import TokenFlow, abstract_tokenflow, normalize_config
 
 CODEBOOK_USED_LEN = 131072  # official FIFO length (vq_model.py:598), independent of the codebook size
@@ -184,6 +187,17 @@ def _beit_map(m: _Map, dec, tp: str, path: tuple):
     m.norm(tp + "fc_norm", path + ("fc_norm",))
 
 
+def _vitamin_map(m: _Map, vit: ViTaminSemantic, tp: str, path: tuple):
+    """timm ViTamin keys (`patch_embed.backbone.{stem,stages,pool}.*`, `blocks.N.*`, `norm.*` if built): the same
+    names UniTok's official encoder uses under `encoder.`, so the UniTok converter's naming rule is reused."""
+    _, params = nnx.split(vit.encoder, nnx.Param)
+    for p, var in nnx.to_flat_state(params):
+        key, kind = official_param_name(("encoder",) + tuple(p))
+        if p[-1] == "kernel":
+            kind = {2: _LINEAR, 4: _CONV}[len(var.get_value().shape)]
+        m.add(tp + key[len("encoder."):], path + ("encoder",) + tuple(p), kind)
+
+
 def _task_map(m: _Map, tp: str, path: tuple):
     m.linear(tp + "0", path + ("fc0",))
     m.linear(tp + "2", path + ("fc2",))
@@ -206,6 +220,8 @@ def tokenflow_key_map(model: TokenFlow, keys: Iterable[str] = ()) -> tuple[_Map,
     ignored = [r"quantize\.codebook_used$", r"scaling_layer\.(shift|scale)$"]
     if model.vit_cfg.kind == "siglip_vit":
         ignored += _siglip_vit_map(m, model.encoder_vqkd, _siglip_prefix(keys, "encoder_vqkd."), ("encoder_vqkd",))
+    elif model.vit_cfg.kind == "vitamin":
+        _vitamin_map(m, model.encoder_vqkd, "encoder_vqkd.", ("encoder_vqkd",))
     else:
         _clip_vit_map(m, model.encoder_vqkd, "encoder_vqkd.", ("encoder_vqkd",))
     _task_map(m, "encode_task_layer.", ("encode_task_layer",))
@@ -305,20 +321,32 @@ def to_official_state_dict(model: TokenFlow) -> dict[str, np.ndarray]:
     return out
 
 
-def load_vit_weights(vit: CLIPViT, sd: Mapping[str, np.ndarray], *, prefixes: tuple[str, ...] = ("visual.", ""),
-                     ignore_unused: bool = True) -> None:
-    """Load an OpenAI CLIP visual tower (`visual.*`, with `proj`) or an HF SigLIP vision tower (`vision_model.*`)
-    into `vit` in place (teacher loading). The first prefix under which the patch-embedding key exists wins."""
+_PATCH_KEY = {"clip_vit": "conv1.weight", "siglip_vit": "embeddings.patch_embedding.weight",
+              "vitamin": "patch_embed.backbone.stem.conv1.weight"}
+_TOWER_NAME = {"clip_vit": "CLIP", "siglip_vit": "SigLIP", "vitamin": "timm ViTamin"}
+
+
+def load_vit_weights(vit: CLIPViT | ViTaminSemantic, sd: Mapping[str, np.ndarray], *,
+                     prefixes: tuple[str, ...] = ("visual.", ""), ignore_unused: bool = True) -> None:
+    """Load an OpenAI CLIP visual tower (`visual.*`, with `proj`), an HF SigLIP vision tower (`vision_model.*`) or
+    a timm ViTamin (`patch_embed.backbone.*`, `blocks.*`; its `head`/`fc_norm` are ignored) into `vit` in place
+    (teacher loading). The first prefix under which the patch-embedding key exists wins."""
     sd = _strip_module_prefix(dict(sd))
-    siglip = vit.cfg.kind == "siglip_vit"
-    probe = "embeddings.patch_embedding.weight" if siglip else "conv1.weight"
+    kind = vit.cfg.kind
+    probe = _PATCH_KEY[kind]
     prefix = next((p for p in prefixes if p + probe in sd), None)
     if prefix is None:
         raise KeyError(f"no '{probe}' under any of the prefixes {prefixes}; is this a "
-                       f"{'SigLIP' if siglip else 'CLIP'} vision checkpoint?")
+                       f"{_TOWER_NAME[kind]} vision checkpoint?")
     m = _Map()
-    ignored = _siglip_vit_map(m, vit, prefix, ()) if siglip else (_clip_vit_map(m, vit, prefix, ()) or [])
-    if not siglip and not vit.cfg.proj_dim:
-        ignored.append(re.escape(prefix) + r"proj$")
+    if kind == "siglip_vit":
+        ignored = _siglip_vit_map(m, vit, prefix, ())
+    elif kind == "vitamin":
+        _vitamin_map(m, vit, prefix, ())
+        ignored = [re.escape(prefix) + r"(head|fc_norm)\."]
+    else:
+        ignored = _clip_vit_map(m, vit, prefix, ()) or []
+        if not vit.cfg.proj_dim:
+            ignored.append(re.escape(prefix) + r"proj$")
     sub = {k: v for k, v in sd.items() if k.startswith(prefix)}
     apply_key_map(vit, m.entries, ignored, sub, what="teacher ViT", ignore_unused=ignore_unused)

@@ -12,9 +12,8 @@ Variants are configs of one module (`ViTConfig.from_dict`):
                first `layers - 1` blocks without post-LayerNorm (`output_layer=-2`), so the unused last block,
                post_layernorm and MAP head are not built (the converter ignores their keys). The HF q/k/v
                projections are packed into `in_proj` by the converter.
-- ViTamin (TokenFlow vitamin_xlarge_256) would slot in as a third `kind` wrapping the UniTok `vitamin.py`
-  encoder (hybrid MbConv stem + ViT, no class token, no positional table, `head`/`fc_norm` removed, output
-  (b, 256, 1152)); it is not built here because no ViTamin TokenFlow checkpoint was released.
+The third variant, ViTamin (TokenFlow vitamin_xlarge_256), is a different architecture (hybrid MbConv stem, no
+class token, no positional table) and lives in `unitok_jax.models.vitamin_semantic` with the same interface.
 """
 from __future__ import annotations
 

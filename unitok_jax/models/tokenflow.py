@@ -1,7 +1,7 @@
 """TokenFlow (arXiv 2412.03069): dual-encoder tokenizer with a shared-index dual codebook and multi-scale residual VQ.
 
 Pipeline (NHWC, images in [-1, 1]):
-  semantic ViT (CLIP / SigLIP) -> encode_task_layer -> 32-d map  \\
+  semantic ViT (CLIP / SigLIP / ViTamin) -> encode_task_layer -> 32-d map  \\
                                                                     concat (40-d) -> multi-scale residual VQ over
   pixel CNN (LlamaGen VQ-16) -> quant_conv -> 8-d map             /  one shared index space (semantic + pixel rows)
   final_quantize[..., :32] -> BEiT decoder -> decode_task_layer -> sem_rec (distilled to a frozen teacher, cosine)
@@ -29,6 +29,7 @@ from unitok_jax.models.bicubic import bicubic_resize
 from unitok_jax.models.clip_vit import CLIPViT, TaskLayer, ViTConfig
 from unitok_jax.models.residual_quantizer import MultiScaleResidualQuantizer
 from unitok_jax.models.shared_quantizer import SharedDualCodebookQuantizer
+from unitok_jax.models.vitamin_semantic import ViTaminSemantic, ViTaminSemanticConfig
 from unitok_jax.models.vqgan_cnn import Decoder, Encoder
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,10 @@ _CLIP_B16 = {"kind": "clip_vit", "input_resolution": 224, "patch_size": 16, "wid
              "act": "quick_gelu", "class_token": True}
 _SIGLIP_SO400M = {"kind": "siglip_vit", "input_resolution": 384, "patch_size": 14, "width": 1152, "layers": 27,
                   "heads": 16, "mlp_dim": 4304, "output_layer": -2}
+# timm `vitamin_xlarge_256` with head/fc_norm deleted (spec §2.2): `norm` is Identity, no positional table.
+_VITAMIN_XL = {"kind": "vitamin", "input_resolution": 256, "stem_width": 192, "stage_widths": [192, 384],
+               "stage_depths": [2, 4], "mbconv_expand_ratio": 4.0, "vit_width": 1152, "vit_depth": 32,
+               "vit_heads": 16, "mlp_ratio": 2.0, "final_norm": False}
 _PIX_ENC = {"ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "z_channels": 256, "attn_at_last_level": True}
 _PIX_DEC = {"ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "z_channels": 256,
             "attn_at_coarsest_level": True}
@@ -116,6 +121,23 @@ _PRESETS: dict[str, dict] = {
         "pixel_decoder": dict(_PIX_DEC),
         "teacher": dict(_SIGLIP_SO400M, normalize="siglip"),
     },
+    # The paper's third semantic encoder (no released checkpoint): ViTamin-XL/16 student at 256 px with CLIP
+    # mean/std input (ScalingLayerForClip), a frozen ViTamin-XL teacher (`forward_features`, CLIP mean/std), 16x16
+    # grid, 817 tokens, D = 1152 for the task layers and the BEiT decoder (vq_model.py:162-166, 187-198).
+    "vitamin_xlarge_256": {
+        "teacher_branch": "vitamin_xlarge_256",
+        "image_size": 256,
+        "scales": [1, 2, 4, 6, 8, 10, 12, 14, 16],
+        "infer_interpolate": False,
+        "semantic_encoder": dict(_VITAMIN_XL, input_scaling="clip"),
+        "encode_task_layer": {"hidden": 1152, "out": 32, "act": "tanh"},
+        "pixel_encoder": dict(_PIX_ENC),
+        "quantizer": dict(_QUANT),
+        "semantic_decoder": {"embed_dim": 1152, "depth": 3, "heads": 12, "mlp_ratio": 4, "out_dim": 1152},
+        "decode_task_layer": {"hidden": 1152, "out": 1152, "act": "tanh"},
+        "pixel_decoder": dict(_PIX_DEC),
+        "teacher": dict(_VITAMIN_XL, normalize="clip"),
+    },
 }
 
 # Official TokenFlow training hyper-parameters (reference/tokenflow_spec.md §5 "Losses" and §6 "Training recipe",
@@ -143,7 +165,7 @@ _BASE_RECIPE = {
 }
 TOKENFLOW_TRAIN_RECIPES: dict[str, dict] = {
     "clipb_224": dict(_BASE_RECIPE, model="clipb_224", image_size=224, teacher_normalize="clip"),
-    "vitamin_xlarge_256": dict(_BASE_RECIPE, model=None, image_size=256, teacher_normalize="clip"),
+    "vitamin_xlarge_256": dict(_BASE_RECIPE, model="vitamin_xlarge_256", image_size=256, teacher_normalize="clip"),
     "siglip_384": dict(_BASE_RECIPE, model="siglip_384", image_size=384, teacher_normalize="siglip"),
     # Stage 3 (scripts/train_vq_finetune_enhanced_decoder.sh, spec §4.3): only `decoder.*` trains (Adam over the
     # pixel decoder), the enhanced decoder starts from random init, everything else frozen, model in train mode
@@ -156,7 +178,7 @@ TOKENFLOW_TRAIN_RECIPES: dict[str, dict] = {
 
 def tokenflow_model_config(name: str) -> dict:
     """A deep copy of a preset config: 'tiny' (= the parity fixture), 'clipb_224', 'clipb_256',
-    'clipb_256_enhanced', 'siglip_384'."""
+    'clipb_256_enhanced', 'siglip_384', 'vitamin_xlarge_256'."""
     if name not in _PRESETS:
         raise ValueError(f"unknown TokenFlow model config {name!r}; available: {sorted(_PRESETS)}")
     return copy.deepcopy(_PRESETS[name])
@@ -198,7 +220,33 @@ def normalize_config(cfg: Mapping[str, Any] | str) -> dict:
     se = dict(c["semantic_encoder"])
     c["semantic_encoder"] = se
     se.setdefault("input_scaling", "none")
+    if se["input_scaling"] not in INPUT_SCALINGS:
+        raise ValueError(f"semantic_encoder.input_scaling must be one of {list(INPUT_SCALINGS)}, "
+                         f"got {se['input_scaling']!r}")
+    if se.get("kind", "clip_vit") not in SEMANTIC_ENCODER_KINDS:
+        raise ValueError(f"unknown semantic_encoder.kind {se.get('kind')!r}; available: {list(SEMANTIC_ENCODER_KINDS)}")
     return c
+
+
+# How the student's pixels are scaled (official `scaling_layer`): 'none' = raw [-1, 1] (CLIP student),
+# 'siglip' = clamp to [-1, 1] (ScalingLayerForSigLip), 'clip' = CLIP mean/std (ScalingLayerForClip, ViTamin).
+INPUT_SCALINGS = ("none", "siglip", "clip")
+SEMANTIC_ENCODER_KINDS = ("clip_vit", "siglip_vit", "vitamin")
+
+
+def clip_normalize(images: jax.Array) -> jax.Array:
+    """[-1, 1] images -> CLIP mean/std normalised, after clamping to [0, 1] (the official ScalingLayerForClip)."""
+    x01 = jnp.clip((images.astype(jnp.float32) + 1.0) * 0.5, 0.0, 1.0)
+    return (x01 - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+
+
+def semantic_vit(cfg: Mapping[str, Any], *, rngs, dtype=jnp.float32) -> nnx.Module:
+    """The semantic tower for `cfg['kind']`: CLIPViT ('clip_vit', 'siglip_vit') or ViTaminSemantic ('vitamin').
+    Both return `(tokens [b, n, width], aux)` and expose `.cfg` with `kind`, `width` and `grid`."""
+    cfg = dict(cfg)
+    if cfg.get("kind", "clip_vit") == "vitamin":
+        return ViTaminSemantic(ViTaminSemanticConfig.from_dict(cfg), rngs=rngs, dtype=dtype)
+    return CLIPViT(ViTConfig.from_dict(cfg), rngs=rngs, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,8 +294,8 @@ class TokenFlow(nnx.Module):
         dtype = _DTYPES[cfg["dtype"]]
         self.dtype = dtype
         se_cfg = {k: v for k, v in cfg["semantic_encoder"].items() if k != "input_scaling"}
-        self.vit_cfg = ViTConfig.from_dict(se_cfg)
-        self.encoder_vqkd = CLIPViT(self.vit_cfg, dtype=dtype, rngs=rngs)
+        self.encoder_vqkd = semantic_vit(se_cfg, dtype=dtype, rngs=rngs)
+        self.vit_cfg = self.encoder_vqkd.cfg
         et = cfg["encode_task_layer"]
         q = cfg["quantizer"]
         if et["out"] != q["semantic_dim"]:
@@ -301,8 +349,11 @@ class TokenFlow(nnx.Module):
         cfg = self.cfg
         interp = bool(cfg["infer_interpolate"])
         sem_in = images
-        if cfg["semantic_encoder"]["input_scaling"] == "siglip":
+        scaling = cfg["semantic_encoder"]["input_scaling"]
+        if scaling == "siglip":
             sem_in = jnp.clip(images, -1.0, 1.0)  # ScalingLayerForSigLip: identity with a clamp
+        elif scaling == "clip":
+            sem_in = clip_normalize(images)
         tokens, vaux = self.encoder_vqkd(sem_in, interpolate=interp)
         b, n, _ = tokens.shape
         g = int(round(np.sqrt(n)))
@@ -319,8 +370,9 @@ class TokenFlow(nnx.Module):
         h = jnp.concatenate([sem.astype(jnp.float32), pix.astype(jnp.float32)], axis=-1)
         inter = {}
         if return_intermediates:
-            inter = {"sem_vit_tokens": tokens, "sem_feat": sem, "pix_enc": pix_enc, "pix_feat": pix, "h": h,
-                     "clip_pos_embed_used": vaux["pos_embed_used"]}
+            inter = {"sem_vit_tokens": tokens, "sem_feat": sem, "pix_enc": pix_enc, "pix_feat": pix, "h": h}
+            if "pos_embed_used" in vaux:  # ViTamin has no positional table
+                inter["clip_pos_embed_used"] = vaux["pos_embed_used"]
             inter.update({f"pix_enc_{k}": v for k, v in einter.items()})
         return h, inter
 
@@ -469,8 +521,9 @@ def random_tokenflow(cfg: Mapping[str, Any] | str, seed: int = 0) -> TokenFlow:
 # ---------------------------------------------------------------------------------------------------------------
 
 class Teacher(nnx.Module):
-    """Frozen semantic teacher: CLIP ViT (`ln_post(x)[:, 1:] @ proj`, CLIP mean/std input) or SigLIP
-    (hidden_states[-2]). `__call__(images [-1, 1]) -> [b, n, teacher_dim]` (wrapped in stop_gradient)."""
+    """Frozen semantic teacher: CLIP ViT (`ln_post(x)[:, 1:] @ proj`, CLIP mean/std input), SigLIP
+    (hidden_states[-2]) or ViTamin (`forward_features`, CLIP mean/std input).
+    `__call__(images [-1, 1]) -> [b, n, teacher_dim]` (wrapped in stop_gradient)."""
 
     def __init__(self, cfg: Mapping[str, Any], *, rngs: nnx.Rngs):
         cfg = dict(cfg)
@@ -478,13 +531,12 @@ class Teacher(nnx.Module):
         if self.normalize not in ("clip", "siglip", "none"):
             raise ValueError(f"teacher normalize must be one of ['clip', 'siglip', 'none'], got {self.normalize!r}")
         self.interpolate = bool(cfg.pop("interpolate", True))
-        self.vit = CLIPViT(ViTConfig.from_dict(cfg), rngs=_as_keyseq(rngs))
+        self.vit = semantic_vit(cfg, rngs=_as_keyseq(rngs))
 
     def preprocess(self, images: jax.Array) -> jax.Array:
         x = images.astype(jnp.float32)
         if self.normalize == "clip":
-            x01 = jnp.clip((x + 1.0) * 0.5, 0.0, 1.0)
-            return (x01 - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+            return clip_normalize(x)
         if self.normalize == "siglip":
             return jnp.clip(x, -1.0, 1.0)
         return x
@@ -494,11 +546,24 @@ class Teacher(nnx.Module):
         return jax.lax.stop_gradient(feats.astype(jnp.float32))
 
 
+_VISION_PREFIXES = ("visual.trunk.", "visual.", "vision_model.", "")
+
+
+def _read_vision_state_dict(path: str | os.PathLike | Mapping) -> Mapping[str, Any]:
+    if isinstance(path, (str, os.PathLike)) and os.fspath(path).endswith(".npz"):
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    from unitok_jax.convert.torch_io import load_state_dict
+
+    return load_state_dict(path, subkeys=("state_dict", "model"))
+
+
 def load_teacher(path: str | os.PathLike | Mapping | None, cfg: Mapping[str, Any] | str, *, seed: int = 0) -> Teacher:
     """Build the frozen teacher from `cfg['teacher']` (or a preset name) and load weights from `path`.
 
     `path`: an OpenAI CLIP `.pt/.pth` (keys `visual.*`, torch needed), an `.npz` of the same keys, an HF SigLIP
-    vision state dict (`vision_model.*`), or a {key: array} mapping. None -> random init with a warning (only for
+    vision state dict (`vision_model.*`), a timm ViTamin state dict (`patch_embed.backbone.*`, `blocks.*`; also
+    under open_clip's `visual.trunk.`), or a {key: array} mapping. None -> random init with a warning (only for
     smoke tests: distillation against a random teacher is meaningless).
     """
     full = normalize_config(cfg) if isinstance(cfg, str) or "image_size" in cfg else {"teacher": dict(cfg)}
@@ -511,15 +576,23 @@ def load_teacher(path: str | os.PathLike | Mapping | None, cfg: Mapping[str, Any
         return numpy_fill_(teacher, seed)
     from unitok_jax.convert.tokenflow import load_vit_weights  # local import: convert depends on models
 
-    if isinstance(path, (str, os.PathLike)) and os.fspath(path).endswith(".npz"):
-        with np.load(path) as z:
-            sd = {k: z[k] for k in z.files}
-    else:
-        from unitok_jax.convert.torch_io import load_state_dict
-
-        sd = load_state_dict(path, subkeys=("state_dict", "model"))
-    load_vit_weights(teacher.vit, sd, prefixes=("visual.", "vision_model.", ""), ignore_unused=True)
+    load_vit_weights(teacher.vit, _read_vision_state_dict(path), prefixes=_VISION_PREFIXES, ignore_unused=True)
     return teacher
+
+
+def load_semantic_encoder(path: str | os.PathLike | Mapping, cfg: Mapping[str, Any] | str) -> nnx.State:
+    """Pretrained weights for the *student* semantic tower (`encoder_vqkd`), as the official code starts from
+    `clip.load` / `SiglipVisionModel.from_pretrained` / `timm.create_model(..., pretrained=True)`: the same files
+    `load_teacher` reads (keys the student does not build, e.g. CLIP's `proj` or SigLIP's last block, are
+    ignored). Returns the `nnx.State` of its params, shaped like `TokenFlow(cfg).encoder_vqkd`."""
+    cfg = normalize_config(cfg)
+    se = {k: v for k, v in cfg["semantic_encoder"].items() if k != "input_scaling"}
+    vit = nnx.eval_shape(lambda: semantic_vit(se, rngs=ShapeOnlyRngs()))
+    from unitok_jax.convert.tokenflow import load_vit_weights
+
+    load_vit_weights(vit, _read_vision_state_dict(path), prefixes=_VISION_PREFIXES, ignore_unused=True)
+    _, params = nnx.split(vit, nnx.Param)
+    return params
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -459,7 +459,33 @@ def _restore_or_init(config, components: Components, checkpointer, abstract, dat
         params = jax.device_put(params, components.state_shardings.params)
         state = state.replace(params=params)
         return state, 0, f"initialised params from {config.init_from}"
+    if config.get("semantic_init_path"):
+        state = _load_pretrained_semantic_encoder(config, components, state)
+        return state, 0, f"started from scratch with the semantic encoder from {config.semantic_init_path}"
     return state, 0, "started from scratch"
+
+
+def _load_pretrained_semantic_encoder(config, components: Components, state):
+    """TokenFlow: the student semantic tower starts from pretrained CLIP / SigLIP / ViTamin weights (as the official
+    code does); every other parameter keeps its fresh init."""
+    from unitok_jax.models.tokenflow import load_semantic_encoder
+
+    loaded = dict(nnx.to_flat_state(load_semantic_encoder(config.semantic_init_path, _model_dict(config))))
+    flat = list(nnx.to_flat_state(state.params))
+    shardings = dict(nnx.to_flat_state(components.state_shardings.params))
+    ours = {path[1:] for path, _ in flat if path[0] == "encoder_vqkd"}
+    if ours != set(loaded):
+        raise ValueError(f"semantic_init_path: pretrained tower params {sorted(set(loaded) ^ ours)[:5]} do not match "
+                         "the model's encoder_vqkd")
+    for path, var in flat:
+        if path[0] == "encoder_vqkd":
+            new = loaded[path[1:]].get_value()
+            if tuple(new.shape) != tuple(var.get_value().shape):
+                raise ValueError(f"semantic_init_path: {'/'.join(map(str, path))} has shape {tuple(new.shape)}, "
+                                 f"the model expects {tuple(var.get_value().shape)}")
+            sharding = shardings[path]
+            var.set_value(jax.device_put(jnp.asarray(new, var.get_value().dtype), getattr(sharding, "value", sharding)))
+    return state.replace(params=nnx.from_flat_state(flat))
 
 
 def _reconstruct(params, model_rest, images, *, graphdef):

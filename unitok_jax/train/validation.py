@@ -53,6 +53,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
 
     if config.loss.lpips:
         check_file(config.loss.lpips_path, "loss.lpips_path", "the LPIPS loss (loss.lpips > 0)")
+    for field, what in (("teacher_path", "the frozen TokenFlow teacher"),
+                        ("semantic_init_path", "the pretrained TokenFlow semantic encoder")):
+        if config.get(field):
+            check(config.model_name == "tokenflow", field, f"{field} is set but model_name is {config.model_name!r}",
+                  "it applies to TokenFlow only; clear it")
+            check_file(config[field], field, what)
     if config.loss.gan:
         from unitok_jax.models.discriminators import DISCRIMINATORS
 
