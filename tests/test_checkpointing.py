@@ -44,6 +44,34 @@ def test_restore_params_only_onto_one_device_and_onto_given_shardings(tmp_path):
 def test_restore_params_only_names_the_problem(tmp_path):
     with pytest.raises(RestoreError, match="no checkpoint steps found"):
         restore_params_only(str(tmp_path))
+    want = _save_sharded_state(tmp_path / "checkpoints")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), want)
+    abstract["enc"]["w"] = jax.ShapeDtypeStruct((16, 3), jnp.float32, sharding=device)
+    abstract["extra"] = {"k": jax.ShapeDtypeStruct((2,), jnp.float32, sharding=device)}
+    with pytest.raises(RestoreError, match=r"1 param\(s\) not in the checkpoint: extra/k; shape mismatch: enc/w \(16, 2\)"):
+        restore_params_only(str(tmp_path), abstract)
+
+
+def test_restore_params_only_into_an_nnx_state(tmp_path):
+    """The trainer's case: the target is an nnx.State (Variable leaves); the result keeps that structure."""
+    from flax import nnx
+
+    class Tiny(nnx.Module):
+        def __init__(self):
+            self.layers = nnx.List([nnx.Linear(2, 3, rngs=nnx.Rngs(0)) for _ in range(2)])
+
+    _, params = nnx.split(Tiny(), nnx.Param)
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    ckpt.save(1, {"params": params}, force=True)
+    ckpt.close()
+    sh = NamedSharding(jax.make_mesh((8,), ("fsdp",)), P())
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), params)
+    got = restore_params_only(str(tmp_path), abstract)
+    assert jax.tree.structure(got) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+        assert a.sharding == sh
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_single_process_save_compiles_nothing_for_replicated_arrays(tmp_path):

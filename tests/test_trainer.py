@@ -47,6 +47,17 @@ def test_train_writes_outputs_and_resume_matches_uninterrupted_run(tmp_path, mon
     for a, b in zip(jax.tree.leaves(final_params(full_dir)), jax.tree.leaves(final_params(split_dir))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+    # Fine-tuning start: a new run whose params come from the finished one (fresh optimizer, step 0).
+    config.init_from = os.path.join(full_dir, "checkpoints", "4")
+    tuned_dir = str(tmp_path / "tuned")
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "_preemption_reached", lambda step: step == 1)
+        tuned = trainer.train(config, tuned_dir)
+    assert tuned["start_step"] == 0 and tuned["origin"] == f"initialised params from {config.init_from}"
+    first_tuned = json.loads(open(os.path.join(tuned_dir, "metrics.jsonl")).readline())
+    first_scratch = next(r for r in records if r["step"] == 1)
+    assert first_tuned["train/loss/l2"] < 0.8 * first_scratch["train/loss/l2"]  # it starts from trained weights
+
 
 @pytest.mark.parametrize(
     "field,value,match",

@@ -199,13 +199,13 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params_only(path: str, abstract_params=None) -> Any:
-    """Only the generator params of a checkpoint (step dir, checkpoints dir or run dir), on any device topology.
+def _path_names(path) -> tuple[str, ...]:
+    """A pytree path as plain strings: nnx.State (DictKey, GetAttrKey 'value') and the dicts Orbax restores
+    ('0' for list indices) then compare equal."""
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
-    Used by `init_from`, tests and tools. The checkpoint may come from another mesh or process count, so the saved
-    shardings are ignored: leaves go to `abstract_params`' shardings when given (a tree of ShapeDtypeStruct with
-    `.sharding`, e.g. the trainer's), else to the first local device. Nothing but `params` is read.
-    """
+
+def _checkpoint_step_dir(path: str) -> str:
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         path = os.path.join(path, "checkpoints")
@@ -214,7 +214,20 @@ def restore_params_only(path: str, abstract_params=None) -> Any:
         if not steps:
             raise RestoreError(f"{path!r}: no checkpoint steps found (expected <run>/checkpoints/<step>/state)")
         path = os.path.join(path, str(steps[-1]))
-    state_dir = os.path.join(path, "state")
+    return path
+
+
+def restore_params_only(path: str, abstract_params=None) -> Any:
+    """Only the generator params of a checkpoint (step dir, checkpoints dir or run dir), on any device topology.
+
+    Used by `init_from`, tests and tools. The checkpoint may come from another mesh or process count, so the saved
+    shardings are ignored. With `abstract_params` (a pytree of ShapeDtypeStruct with `.sharding`, e.g. the
+    trainer's nnx.State) every leaf is read straight into its target sharding and cast to its dtype, and the
+    result has `abstract_params`' structure; parameter names and shapes must match (RestoreError names the first
+    differences). Without it, the saved tree (plain dicts) comes back on the first local device. Nothing but
+    `params` is read.
+    """
+    state_dir = os.path.join(_checkpoint_step_dir(path), "state")
     with ocp.PyTreeCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(state_dir)
         tree = getattr(metadata, "item_metadata", metadata)
@@ -223,12 +236,33 @@ def restore_params_only(path: str, abstract_params=None) -> Any:
         saved = tree["params"]
         if abstract_params is None:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            shardings = jax.tree.map(lambda _: device, saved)
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
         else:
-            shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
-        target = jax.tree.map(lambda m, sh: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh), saved, shardings)
+            target = _target_like_saved(saved, abstract_params, state_dir)
         restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype),
                                     target)
         restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
-    return restored["params"]
+            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))["params"]
+    if abstract_params is None:
+        return restored
+    by_name = {_path_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+    return jax.tree_util.tree_unflatten(treedef, [by_name[_path_names(p)] for p, _ in flat])
+
+
+def _target_like_saved(saved, abstract_params, where: str):
+    """The saved tree's structure with `abstract_params`' shapes, dtypes and shardings (matched by name)."""
+    wanted = {_path_names(p): a for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    have = {_path_names(p): m for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    missing, unexpected = sorted(set(wanted) - set(have)), sorted(set(have) - set(wanted))
+    wrong = sorted(k for k in set(wanted) & set(have) if tuple(wanted[k].shape) != tuple(have[k].shape))
+    if missing or unexpected or wrong:
+        show = lambda keys: ", ".join("/".join(k) for k in keys[:5]) + (" ..." if len(keys) > 5 else "")  # noqa: E731
+        problems = [f"{len(missing)} param(s) not in the checkpoint: {show(missing)}" if missing else "",
+                    f"{len(unexpected)} checkpoint param(s) not in the model: {show(unexpected)}" if unexpected else "",
+                    "shape mismatch: " + ", ".join(f"{'/'.join(k)} {tuple(have[k].shape)} vs model "
+                                                   f"{tuple(wanted[k].shape)}" for k in wrong[:5]) if wrong else ""]
+        raise RestoreError(f"{where}: params do not match this model's: " + "; ".join(p for p in problems if p))
+    return jax.tree_util.tree_map_with_path(
+        lambda p, m: jax.ShapeDtypeStruct(m.shape, wanted[_path_names(p)].dtype, sharding=wanted[_path_names(p)].sharding),
+        saved)

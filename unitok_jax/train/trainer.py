@@ -454,10 +454,8 @@ def _restore_or_init(config, components: Components, checkpointer, abstract, dat
     with jax.set_mesh(components.mesh):
         state = components.init_state()
     if config.init_from:
-        restored = checkpointing.restore_params_only(config.init_from, None)
-        params = nnx.State(restored) if not isinstance(restored, nnx.State) else restored
-        params = jax.device_put(params, components.state_shardings.params)
-        state = state.replace(params=params)
+        # Read straight into this run's shardings (another run's mesh/process count is fine).
+        state = state.replace(params=checkpointing.restore_params_only(config.init_from, abstract.params))
         return state, 0, f"initialised params from {config.init_from}"
     if config.get("semantic_init_path"):
         state = _load_pretrained_semantic_encoder(config, components, state)
