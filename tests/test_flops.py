@@ -103,3 +103,49 @@ def test_tiny_train_step_matches_xla_cost_analysis():
     compiled, _, _, _ = aot.compile_train_step(config, gan=True, mesh=mesh)
     analytic = flops.step_flops(config, gan_active=True)
     assert aot.xla_flops(compiled) == pytest.approx(analytic.total, rel=0.15)
+
+
+def _tokenflow_configs():
+    from test_convert_tokenflow import SIGLIP_MICRO
+    from test_tokenflow_vitamin import MICRO as VITAMIN_MICRO
+    from unitok_jax.models.tokenflow import tokenflow_model_config
+
+    return {"clip_tiny": tokenflow_model_config("tiny"), "siglip_micro": SIGLIP_MICRO, "vitamin_micro": VITAMIN_MICRO}
+
+
+@pytest.mark.parametrize("name", ["clip_tiny", "siglip_micro", "vitamin_micro"])
+def test_tokenflow_forward_matches_xla_matmul_count(name):
+    """Every semantic-tower kind: the compiled student forward's dot/conv FLOPs equal the analytic count."""
+    from unitok_jax.models.tokenflow import abstract_tokenflow
+    from unitok_jax.train.flops_tokenflow import tokenflow_forward_flops
+
+    cfg = _tokenflow_configs()[name]
+    graphdef, state = nnx.split(abstract_tokenflow(cfg))
+    b, s = 2, cfg["image_size"]
+
+    def forward(state, images):
+        rec, aux = nnx.merge(graphdef, state)(images)
+        return rec, aux["sem_rec"]
+
+    compiled = jax.jit(forward).lower(state, jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32)).compile()
+    xla = sum(flops.hlo_matmul_flops(compiled.as_text()).values())
+    analytic = tokenflow_forward_flops(cfg, s)
+    assert xla == pytest.approx(b * sum(v for k, v in analytic.items() if k != "teacher"), rel=0.01)
+
+
+def test_tokenflow_step_flops_and_meter():
+    from configs import tokenflow as tokenflow_configs
+
+    config = tokenflow_configs.get_config("clipb_256")
+    config.global_batch_size = 1
+    d = flops.step_flops(config, gan_active=False).as_dict()
+    from unitok_jax.train.flops_tokenflow import tokenflow_forward_flops
+
+    fwd = tokenflow_forward_flops(config.model, 256)
+    assert d["semantic_encoder"] == 3 * fwd["semantic_encoder"] and d["teacher"] == fwd["teacher"]
+    assert d["quantizer"] == fwd["quantizer"] and "contrastive_logits" not in d
+    assert d["lpips_reconstruction"] == 2 * flops.lpips_flops(256)
+    # CLIP-B/16 at 256 px (256 tokens + class): ~2 x 86 M params x 257 tokens ≈ 44 GFLOP + attention.
+    assert 44e9 < fwd["semantic_encoder"] < 50e9 and fwd["teacher"] > fwd["semantic_encoder"]
+    assert "disc_in_generator" in flops.step_flops(config, gan_active=True).as_dict()
+    assert flops.FlopsMeter(config, jax.devices()).flops_per_step(False) > 0  # no longer NaN for TokenFlow

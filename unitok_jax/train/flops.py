@@ -264,11 +264,18 @@ def step_flops(config, *, gan_active: bool, include_attention: bool = True) -> S
     """Model FLOPs of one train step for the whole global batch (divide by devices for per-device)."""
     b = int(config.global_batch_size)
     s = int(config.data.image_size)
-    fwd = unitok_forward_flops(config.model, s, include_attention=include_attention)
-    terms = [Term(name, b * f, 1 if name == "quantizer" else 3) for name, f in fwd.items()]
-    e = int(config.model.clip.embed_dim)
-    if "text" in fwd and config.loss.clip:
-        terms.append(Term("contrastive_logits", 4.0 * b * b * e, 3))
+    if _get(config, "model_name", "unitok") == "tokenflow":
+        from unitok_jax.train.flops_tokenflow import tokenflow_forward_flops
+
+        fwd = tokenflow_forward_flops(config.model, s, include_attention=include_attention)
+        # Code assignment is not differentiated; the frozen teacher runs forward only (its output is a target).
+        terms = [Term(name, b * f, 1 if name in ("quantizer", "teacher") else 3) for name, f in fwd.items()]
+    else:
+        fwd = unitok_forward_flops(config.model, s, include_attention=include_attention)
+        terms = [Term(name, b * f, 1 if name == "quantizer" else 3) for name, f in fwd.items()]
+        e = int(config.model.clip.embed_dim)
+        if "text" in fwd and config.loss.clip:
+            terms.append(Term("contrastive_logits", 4.0 * b * b * e, 3))
     if config.loss.lpips:
         lp = b * lpips_flops(s)
         terms += [Term("lpips_reconstruction", lp, 2), Term("lpips_target", lp, 1)]
