@@ -79,6 +79,14 @@ _PIX_DEC = {"ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "z_chann
             "attn_at_coarsest_level": True}
 _QUANT = {"codebook_size": 32768, "semantic_dim": 32, "pixel_dim": 8, "w_dis": 1.0, "beta": 0.25, "l2_norm": True}
 
+def _semantic_heads(width: int, teacher_dim: int) -> dict:
+    """encode_task_layer (width -> 32), BEiT semantic decoder (3 blocks, 12 heads) and decode_task_layer
+    (width -> teacher_dim): the same structure for every semantic tower (spec §2.3, §4.1)."""
+    return {"encode_task_layer": {"hidden": width, "out": 32, "act": "tanh"},
+            "semantic_decoder": {"embed_dim": width, "depth": 3, "heads": 12, "mlp_ratio": 4, "out_dim": teacher_dim},
+            "decode_task_layer": {"hidden": width, "out": teacher_dim, "act": "tanh"}}
+
+
 _CLIPB_224 = {
     # tokenflow/tokenizer/vq_model.py:113-161 (teacher 'clipb_224'), spec §1-§4.
     "teacher_branch": "clipb_224",
@@ -86,11 +94,9 @@ _CLIPB_224 = {
     "scales": [1, 2, 4, 6, 8, 10, 12, 14],
     "infer_interpolate": False,
     "semantic_encoder": dict(_CLIP_B16),
-    "encode_task_layer": {"hidden": 768, "out": 32, "act": "tanh"},
+    **_semantic_heads(768, 512),
     "pixel_encoder": dict(_PIX_ENC),
     "quantizer": dict(_QUANT),
-    "semantic_decoder": {"embed_dim": 768, "depth": 3, "heads": 12, "mlp_ratio": 4, "out_dim": 512},
-    "decode_task_layer": {"hidden": 768, "out": 512, "act": "tanh"},
     "pixel_decoder": dict(_PIX_DEC),
     "teacher": dict(_CLIP_B16, proj_dim=512, normalize="clip"),
 }
@@ -113,11 +119,9 @@ _PRESETS: dict[str, dict] = {
         "scales": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 17, 22, 27],
         "infer_interpolate": False,
         "semantic_encoder": dict(_SIGLIP_SO400M, input_scaling="siglip"),
-        "encode_task_layer": {"hidden": 1152, "out": 32, "act": "tanh"},
+        **_semantic_heads(1152, 1152),
         "pixel_encoder": dict(_PIX_ENC),
         "quantizer": dict(_QUANT, token_chunk=1024),
-        "semantic_decoder": {"embed_dim": 1152, "depth": 3, "heads": 12, "mlp_ratio": 4, "out_dim": 1152},
-        "decode_task_layer": {"hidden": 1152, "out": 1152, "act": "tanh"},
         "pixel_decoder": dict(_PIX_DEC),
         "teacher": dict(_SIGLIP_SO400M, normalize="siglip"),
     },
@@ -130,11 +134,9 @@ _PRESETS: dict[str, dict] = {
         "scales": [1, 2, 4, 6, 8, 10, 12, 14, 16],
         "infer_interpolate": False,
         "semantic_encoder": dict(_VITAMIN_XL, input_scaling="clip"),
-        "encode_task_layer": {"hidden": 1152, "out": 32, "act": "tanh"},
+        **_semantic_heads(1152, 1152),
         "pixel_encoder": dict(_PIX_ENC),
         "quantizer": dict(_QUANT),
-        "semantic_decoder": {"embed_dim": 1152, "depth": 3, "heads": 12, "mlp_ratio": 4, "out_dim": 1152},
-        "decode_task_layer": {"hidden": 1152, "out": 1152, "act": "tanh"},
         "pixel_decoder": dict(_PIX_DEC),
         "teacher": dict(_VITAMIN_XL, normalize="clip"),
     },
