@@ -114,15 +114,19 @@ def test_tiny_tokenflow_trains_with_a_pretrained_vitamin_student(tmp_path):
     c.data.embedded.update(dict(num_train=32, num_eval=8, image_size=32))
     c.loss.gan = 0.0
     c.optimizer.lr = 0.0  # the trained student must still equal the pretrained weights (Adam, no weight decay)
-    c.eval.every_steps, c.eval.at_end = 0, False
+    c.eval.every_steps, c.eval.names, c.eval.num_batches = 2, "recon", 1  # a periodic eval at the last step
     workdir = str(tmp_path / "run")
 
     summary = trainer.train(c, workdir)
     assert summary["origin"].startswith("started from scratch with the semantic encoder from")
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    last = records[-1]
-    assert last["step"] == 2 and 0.0 < last["train/codebook/usage"] <= 1.0
+    last = next(r for r in records if r["step"] == 2 and "train/loss/total" in r)
+    assert 0.0 < last["train/codebook/usage"] <= 1.0
     assert np.isfinite(last["train/loss/total"]) and last["train/loss/distill"] > 0.0
+    # The eval suite runs on TokenFlow too: usage of the one shared index space over all scales' tokens.
+    evals = next(r for r in records if "eval/recon/psnr" in r)
+    assert 0.0 < evals["eval/recon/usage"] <= 1.0 and evals["eval/recon/num_tokens"] == 8 * 5  # scales 1 + 4
+    assert not any(k.endswith("/skipped") and "error" in str(v) for k, v in evals.items())
 
     def by_name(tree):  # restored checkpoints are plain dicts ('value' leaves, string indices)
         flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]

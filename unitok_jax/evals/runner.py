@@ -369,15 +369,44 @@ def _params_mesh(params):
 _OUT_NDIM = {"rec": 4, "psnr": 1, "ssim": 1, "indices": 3, "img": 2, "txt": 2, "lpips": 1}
 
 
+_FORWARD_BY_IDENTITY: dict[tuple, tuple] = {}
+
+
+def _forward_fn(graphdef, lpips_graphdef, with_text: bool, mesh=None, has_clip_head: bool = True):
+    """The jitted eval forward, cached so periodic evals compile once. A TokenFlow graphdef is unhashable (the
+    module keeps its config dict), so those are cached by identity (the trainer passes the same object)."""
+    args = (graphdef, lpips_graphdef, with_text, mesh, has_clip_head)
+    try:
+        return _forward_fn_by_value(*args)
+    except TypeError:
+        key = tuple(id(a) for a in args)
+        hit = _FORWARD_BY_IDENTITY.get(key)
+        if hit is None or any(a is not b for a, b in zip(hit[0], args)):
+            if len(_FORWARD_BY_IDENTITY) >= 8:
+                _FORWARD_BY_IDENTITY.pop(next(iter(_FORWARD_BY_IDENTITY)))
+            hit = _FORWARD_BY_IDENTITY[key] = (args, _make_forward_fn(*args))
+        return hit[1]
+
+
 @functools.lru_cache(maxsize=8)
-def _forward_fn(graphdef, lpips_graphdef, with_text: bool, mesh=None):
+def _forward_fn_by_value(graphdef, lpips_graphdef, with_text, mesh, has_clip_head):
+    return _make_forward_fn(graphdef, lpips_graphdef, with_text, mesh, has_clip_head)
+
+
+def _make_forward_fn(graphdef, lpips_graphdef, with_text: bool, mesh, has_clip_head: bool):
+    """has_clip_head: UniTok has a CLIP image head; TokenFlow does not (its semantic branch is distilled)."""
+
     def forward(params, rest, lpips_state, images, text):
         model = nnx.merge(graphdef, params, rest)
-        rec, aux = model(images, text if with_text else None, deterministic=True)
+        rec, aux = model(images, text, deterministic=True) if with_text else model(images, deterministic=True)
         rec = jnp.clip(rec.astype(jnp.float32), -1.0, 1.0)
         metrics = reconstruction_metrics(images, rec)
-        out = {"rec": rec, "psnr": metrics["psnr"], "ssim": metrics["ssim"], "indices": aux["indices"],
-               "img": aux["clip_image_features"].astype(jnp.float32)}
+        indices = aux["indices"]
+        if indices.ndim == 2:  # TokenFlow: one shared index space, [b, tokens of all scales] -> [b, 1, tokens]
+            indices = indices[:, None, :]
+        out = {"rec": rec, "psnr": metrics["psnr"], "ssim": metrics["ssim"], "indices": indices}
+        if has_clip_head:
+            out["img"] = aux["clip_image_features"].astype(jnp.float32)
         if with_text:
             out["txt"] = aux["clip_text_features"].astype(jnp.float32)
         if lpips_graphdef is not None:
@@ -388,8 +417,8 @@ def _forward_fn(graphdef, lpips_graphdef, with_text: bool, mesh=None):
         return jax.jit(forward)
     from unitok_jax.parallel import sharding as shd
 
-    keys = ["rec", "psnr", "ssim", "indices", "img"] + (["txt"] if with_text else []) + (
-        ["lpips"] if lpips_graphdef is not None else [])
+    keys = ["rec", "psnr", "ssim", "indices"] + (["img"] if has_clip_head else []) + (
+        ["txt"] if with_text else []) + (["lpips"] if lpips_graphdef is not None else [])
     # Batch-sharded outputs: each process then reads exactly its own rows (never a replicated global batch).
     return jax.jit(forward, out_shardings={k: shd.batch_sharding(mesh, _OUT_NDIM[k]) for k in keys})
 
@@ -690,8 +719,10 @@ def _lpips_state(config, ec, mesh):
 
 
 def _quantizer_sizes(config, model_cfg) -> tuple[int, int]:
+    """(codebooks, entries per codebook) for the usage statistics; TokenFlow: one shared index space."""
     q = (model_cfg if model_cfg is not None else config.model).quantizer
-    return int(q.num_codebooks), int(q.codebook_size)
+    num = q.get("num_codebooks", 1) if hasattr(q, "get") else getattr(q, "num_codebooks", 1)
+    return int(num), int(q["codebook_size"] if hasattr(q, "__getitem__") else q.codebook_size)
 
 
 def _run_pass(loader, num_batches, forward, params, rest, lpips_state, mesh, accumulators, with_text):
@@ -736,6 +767,7 @@ def run_evals(config: ml_collections.ConfigDict, model, names: str | Sequence[st
         rest = jax.device_put(rest, replicated) if jax.tree.leaves(rest) else rest
     report: dict[str, Any] = {}
     has_text = bool((model_cfg if model_cfg is not None else config.model).get("text"))
+    has_clip_head = bool((model_cfg if model_cfg is not None else config.model).get("clip"))
     batch_size = _eval_batch_size(config, ec, mesh)
 
     main_data = _data_config_for(config)
@@ -782,7 +814,7 @@ def run_evals(config: ml_collections.ConfigDict, model, names: str | Sequence[st
                         main_accs["zeroshot"] = acc
 
     with_text = has_text and ("zeroshot" in main_accs or extra_pass is not None)
-    forward = _forward_fn(graphdef, lpips_graphdef, with_text, mesh)
+    forward = _forward_fn(graphdef, lpips_graphdef, with_text, mesh, has_clip_head)
     if main_accs:
         main_loader = pipeline.make_eval_loader(main_data, batch_size=batch_size)
         guarded("recon", lambda: _run_pass(main_loader, num_batches, forward, params, rest, lpips_state, mesh,
