@@ -63,8 +63,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.image_every_steps = 100
         c.log_every_steps = 20
         c.global_batch_size = 16
-        c.loss.gan_start = 0.5
-        c.optimizer.lr = 1e-3
+        # Tiny-only deviations from the official recipe (measured, 200 steps, benchmarks/RESULTS.md): lr 1e-3 and the
+        # official GAN weight 0.5 from half-way made reconstruction worse once the GAN started (eval PSNR 8.8 dB);
+        # lr 3e-4 with a 0.1-weight GAN over the last quarter gives 14.9 dB and 61 % usage of the 256 shared codes.
+        c.loss.gan_start = 0.75
+        c.loss.gan = 0.1
+        c.optimizer.lr = 3e-4
         c.data.image_size = c.model.image_size
     else:
         c.data.image_size = recipe["image_size"] if variant == "siglip_384" else 256  # clipb trains at 256 (T2I)
