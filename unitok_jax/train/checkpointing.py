@@ -62,7 +62,14 @@ def configure_array_saving() -> None:
         return
     handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=multi_host,
                                             min_slice_bytes_for_replica_parallel=2**20 if multi_host else None)
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    # Orbax warns on every override ("overriding jax.Array"); this one is deliberate, so say so at INFO instead.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        logging.set_verbosity(verbosity)
+    logging.info("checkpoints: replica-parallel array saving %s", "on (>= 1 MiB slices)" if multi_host else "off (one process)")
     _ARRAY_SAVING_MULTI_HOST = multi_host
 
 
