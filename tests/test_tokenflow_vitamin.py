@@ -54,7 +54,7 @@ def test_vitamin_xlarge_256_preset_has_the_timm_geometry():
     m = abstract_tokenflow("vitamin_xlarge_256")
     assert m.num_tokens == 817 and m.vit_cfg.grid == 16 and m.vit_cfg.width == 1152
     # The tower without the head (Linear 1152 -> 1152, timm num_classes=1152) and fc_norm that TokenFlow deletes;
-    # with them it is 436,055,232 = the 436.06 M timm lists for vitamin_xlarge_256.
+    # with them it would be 436,055,232 (436.06 M).
     assert _param_count(m.encoder_vqkd) == 434_724_672
     entries, _ = tokenflow_key_map(m)
     keys = [k for tkeys, _, _ in entries.entries for k in tkeys]
