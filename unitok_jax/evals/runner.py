@@ -721,8 +721,7 @@ def _lpips_state(config, ec, mesh):
 def _quantizer_sizes(config, model_cfg) -> tuple[int, int]:
     """(codebooks, entries per codebook) for the usage statistics; TokenFlow: one shared index space."""
     q = (model_cfg if model_cfg is not None else config.model).quantizer
-    num = q.get("num_codebooks", 1) if hasattr(q, "get") else getattr(q, "num_codebooks", 1)
-    return int(num), int(q["codebook_size"] if hasattr(q, "__getitem__") else q.codebook_size)
+    return int(q.get("num_codebooks", 1)), int(q["codebook_size"])
 
 
 def _run_pass(loader, num_batches, forward, params, rest, lpips_state, mesh, accumulators, with_text):

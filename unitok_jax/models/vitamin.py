@@ -16,13 +16,6 @@ from unitok_jax.models import layers as L
 from unitok_jax.models.vit import Block, BlockStack, maybe_remat
 
 
-def _get(cfg, key, default):
-    """`cfg.key` for a ConfigDict, dataclass or dict, else `default`."""
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
 def timm_conv_init(groups: int = 1):
     """timm/ViTamin `_init_conv`: normal(0, sqrt(2 / fan_out)), fan_out = kh·kw·out / groups."""
 
@@ -133,7 +126,7 @@ class ViTaminEncoder(nnx.Module):
         )
         # timm builds ViTamin with global_pool='avg' as `norm = Identity` (its LayerNorm is `fc_norm`, after
         # pooling): TokenFlow's vitamin_xlarge_256 student/teacher therefore end without a norm (`final_norm=False`).
-        self.norm = L.layer_norm(cfg.vit_width, 1e-6, dtype=dtype, rngs=rngs) if _get(cfg, "final_norm", True) else None
+        self.norm = L.layer_norm(cfg.vit_width, 1e-6, dtype=dtype, rngs=rngs) if getattr(cfg, "final_norm", True) else None
 
     def __call__(self, images, *, deterministic: bool = True, rngs: nnx.Rngs | None = None, return_intermediates=False):
         """images (b, H, W, 3) → (tokens (b, H/16·W/16, d), (H/16, W/16), intermediates dict or None)."""

@@ -16,17 +16,20 @@ def _plain(cfg) -> dict:
     return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
+def _tower_config(se: Mapping[str, Any]):
+    """The tower's ViTConfig / ViTaminSemanticConfig (student or teacher block; wrapper-only keys dropped)."""
+    from unitok_jax.models.clip_vit import ViTConfig
+    from unitok_jax.models.vitamin_semantic import ViTaminSemanticConfig
+
+    tower = {k: v for k, v in _plain(se).items() if k not in ("input_scaling", "normalize", "interpolate")}
+    return (ViTaminSemanticConfig if tower.get("kind") == "vitamin" else ViTConfig).from_dict(tower)
+
+
 def semantic_tower_flops(se: Mapping[str, Any], image_size: int, *, include_attention: bool = True) -> float:
     """CLIP / SigLIP ViT (class token, `output_layer`, optional teacher `proj`) or the ViTamin hybrid."""
-    se = _plain(se)
-    if se.get("kind") == "vitamin":
-        from unitok_jax.models.vitamin_semantic import ViTaminSemanticConfig
-
-        cfg = ViTaminSemanticConfig.from_dict({k: v for k, v in se.items() if k not in ("input_scaling", "normalize", "interpolate")})
+    cfg = _tower_config(se)
+    if cfg.kind == "vitamin":
         return sum(encoder_flops(cfg, image_size, include_attention=include_attention).values())
-    from unitok_jax.models.clip_vit import ViTConfig
-
-    cfg = ViTConfig.from_dict({k: v for k, v in se.items() if k not in ("input_scaling", "normalize", "interpolate")})
     g = image_size // cfg.patch_size
     n = g * g + (1 if cfg.class_token else 0)
     w, hidden = cfg.width, cfg.mlp_dim or 4 * cfg.width
@@ -116,10 +119,7 @@ def tokenflow_forward_flops(model_cfg, image_size: int | None = None, *, include
     se, q = cfg["semantic_encoder"], cfg["quantizer"]
     grid = cfg["scales"][-1]
     n = grid * grid
-    if se.get("kind") == "vitamin":
-        width = se["vit_width"]
-    else:
-        width = se["width"]
+    width = _tower_config(se).width
     et, dt = cfg["encode_task_layer"], cfg["decode_task_layer"]
     out = {
         "semantic_encoder": semantic_tower_flops(se, s, include_attention=include_attention),
