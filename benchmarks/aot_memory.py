@@ -30,7 +30,10 @@ _PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 64, "images per dev
 _REMAT = flags.DEFINE_list("remat", ["full", "none"], "model.remat settings to compile, in order")
 _VARIANT = flags.DEFINE_enum("variant", "gan", ["gan", "no_gan"], "which compiled step: with the GAN (G+D) or without")
 _SCAN = flags.DEFINE_bool("scan_blocks", None, "override model.scan_blocks (default: the config's)")
-_ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "micro-batches per step (per-device micro-batch = batch / this)")
+_ACCUM = flags.DEFINE_integer("grad_accum_steps", None,
+                               "micro-batches per step (per-device micro-batch = batch / this); default: the config's")
+_ACCUM_MODE = flags.DEFINE_enum("grad_accum_mode", "full_batch", ["full_batch", "micro_batch"],
+                                 "full_batch: exact CLIP/adaptive weight (+1 forward); micro_batch: per micro-batch")
 _APPEND = flags.DEFINE_string("append_results", "", "append a markdown section to this file (e.g. benchmarks/RESULTS.md)")
 
 
@@ -53,7 +56,10 @@ def main(_):
     config.global_batch_size = _PER_DEVICE_BATCH.value * n
     if _SCAN.value is not None:
         config.model.scan_blocks = _SCAN.value
-    config.grad_accum_steps = _ACCUM.value
+    if _ACCUM.value is not None:
+        config.grad_accum_steps = _ACCUM.value
+    config.grad_accum_mode = _ACCUM_MODE.value
+    accum = int(config.get("grad_accum_steps", 1))
     rows = []
     for remat in _REMAT.value:
         config.model.remat = remat
@@ -69,7 +75,7 @@ def main(_):
     header = (f"{config.get('variant', '?')} config, model.scan_blocks={bool(config.model.scan_blocks)}, "
               f"dtype={config.model.dtype}, step={_VARIANT.value}, mesh={mesh} ({n} fake CPU devices), "
               f"global batch {config.global_batch_size} ({_PER_DEVICE_BATCH.value}/device"
-              f"{f' as {_ACCUM.value} micro-batches of {_PER_DEVICE_BATCH.value // _ACCUM.value}' if _ACCUM.value > 1 else ''}), "
+              f"{f' as {accum} micro-batches of {_PER_DEVICE_BATCH.value // accum}, {_ACCUM_MODE.value} accumulation' if accum > 1 else ''}), "
               f"{config.model.image_size}px, {components.param_count / 1e6:.1f} M generator params")
     print(header)
     if _APPEND.value:

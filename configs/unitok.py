@@ -81,7 +81,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.resume_from = ""   # explicit checkpoint dir used when the workdir has none
     c.init_from = ""     # params-only initialisation (fine-tuning)
     c.global_batch_size = 32
-    c.grad_accum_steps = 1  # k > 1: each step averages the gradients of k micro-batches (CLIP negatives per micro-batch)
+    c.grad_accum_steps = 1  # k > 1: each step sums the gradients of k micro-batches (1/k of the activation memory)
+    # 'full_batch': exact full-batch CLIP negatives and adaptive GAN weight, one extra forward (train.full_batch_accum);
+    # 'micro_batch': cheaper, CLIP/adaptive weight per micro-batch (train.grad_accum).
+    c.grad_accum_mode = "full_batch"
     c.eval_batch_size = 16
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="data_parallel"))
@@ -145,7 +148,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.ckpt_every_steps = 1000
             c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, rules="fsdp"))
             # 64 images/chip (256 chips) need ~200 GiB/chip in one pass (CPU AOT estimate, benchmarks/RESULTS.md);
-            # --config.grad_accum_steps=8 brings it to ~31 GiB at the cost of CLIP negatives per micro-batch.
+            # 8 micro-batches with full-batch accumulation: ~33 GiB/chip, the same update (CLIP over all 16384
+            # captions) for one extra forward pass. Set 1 where memory allows (fewer images per chip, bigger HBM).
+            c.grad_accum_steps = 8
         else:
             c.global_batch_size = 64 if variant == "b16_single_gpu" else 4096
             c.total_steps = 100_000

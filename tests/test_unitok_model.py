@@ -187,6 +187,27 @@ def test_drop_path_plumbing(fx):
     assert rec.shape == images.shape
 
 
+def test_clip_features_match_the_full_forward_with_drop_path(fx):
+    """UniTok.clip_features (full-batch accumulation's first pass) draws the same drop-path masks as __call__."""
+    cfg, sd, _, images, ids = fx
+    model = load_unitok(sd, cfg, drop_path_rate=0.5)
+    graphdef, state = nnx.split(model)
+
+    def both(state, images, ids):
+        m = nnx.merge(graphdef, state)
+        _, aux = m(images, ids, deterministic=False, rngs=nnx.Rngs(dropout=jax.random.key(3)))
+        img, txt, scale = m.clip_features(images, ids, deterministic=False, rngs=nnx.Rngs(dropout=jax.random.key(3)))
+        other, _, _ = m.clip_features(images, ids, deterministic=False, rngs=nnx.Rngs(dropout=jax.random.key(4)))
+        return aux, img, txt, scale, other
+
+    aux, img, txt, scale, other = fast_compile(both, state, images, ids)(state, images, ids)
+    # Same masks; XLA fuses the two graphs differently, hence float rounding (~1e-7), not bitwise equality.
+    np.testing.assert_allclose(img, aux["clip_image_features"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(txt, aux["clip_text_features"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scale, aux["logit_scale"], rtol=1e-6)
+    assert np.abs(np.asarray(other) - np.asarray(img)).max() > 1e-3  # the masks do depend on the key
+
+
 def test_without_text_tower():
     cfg = model_config("tiny")
     cfg.text = None

@@ -301,6 +301,18 @@ class UniTok(nnx.Module):
         """exp(logit_scale clamped to [0, logit_scale_max])."""
         return jnp.exp(jnp.clip(self.logit_scale[...], 0.0, self.logit_scale_max))
 
+    def clip_features(self, images, text_ids, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+        """`__call__`'s (clip_image_features, clip_text_features, logit_scale) without decoding the image.
+
+        Same random draws as `__call__` for the same `rngs` (the encoder draws first there too; the text tower
+        draws none), so full-batch gradient accumulation gets the CLIP pair from this cheaper pass.
+        """
+        tokens, _, _ = self.encode_tokens(images, deterministic=deterministic, rngs=self._rngs(rngs))
+        quant, _ = self.quantizer(self.quant_proj(tokens))
+        img_feats = self.clip_image_head(self.post_quant_proj(quant))
+        raw, _ = self.text_encoder(text_ids)
+        return img_feats, L.l2_normalize(raw, axis=-1), self.get_logit_scale()
+
     # -- training forward ----------------------------------------------------------------------------------------
     def __call__(self, images, text_ids=None, *, deterministic: bool = True, rngs: nnx.Rngs | None = None,
                  return_intermediates: bool = False):

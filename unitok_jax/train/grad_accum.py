@@ -1,4 +1,7 @@
-"""Gradient accumulation (`config.grad_accum_steps = k`): one optimizer step from k micro-batches of the global batch.
+"""Micro-batch gradient accumulation (`grad_accum_steps = k`, `grad_accum_mode = 'micro_batch'`): one optimizer
+step from k independent micro-batches of the global batch. The default mode, 'full_batch'
+(train.full_batch_accum), is exact for CLIP and the adaptive GAN weight at the cost of one extra forward; this
+one is cheaper and changes those two terms as described below. The batch splitting and config checks here serve both.
 
 The global batch is split into k micro-batches (strided rows, so each device keeps its own rows and nothing moves);
 `step.train_step` runs on each inside a `lax.scan`, unchanged, but with "capture" optimizers whose update returns
@@ -9,7 +12,8 @@ apply a full-batch gradient. Peak activation memory is that of one micro-batch.
 Semantics to know:
   * Means over the batch (L1, L2, LPIPS, VQ, GAN) average exactly; the CLIP loss does not: each micro-batch is
     contrasted only against its own B/k captions, i.e. fewer negatives than the full-batch loss (as in any
-    accumulated contrastive training). Codebook usage metrics are per micro-batch, averaged.
+    accumulated contrastive training), and the GAN's adaptive weight is a ratio of micro-batch gradient norms.
+    Codebook usage metrics are per micro-batch, averaged.
   * A micro-batch with non-finite loss/gradients is left out of the sum (its update would have been dropped by
     train_step too); the step counts as non-finite in the health counters when any micro-batch was, and nothing is
     applied when all were.
@@ -123,9 +127,15 @@ def accumulated_train_step(state: TrainState, frozen, batch, *, ctx: step_lib.St
     return new_state, out
 
 
-def check_config(grad_accum_steps: int, global_batch_size: int, data_parallel_size: int) -> None:
+MODES = ("full_batch", "micro_batch")
+
+
+def check_config(grad_accum_steps: int, global_batch_size: int, data_parallel_size: int,
+                 mode: str = "full_batch") -> None:
     from unitok_jax.config_lib import ConfigError
 
+    if mode not in MODES:
+        raise ConfigError("grad_accum_mode", f"unknown mode {mode!r}", f"use one of {MODES}")
     k = int(grad_accum_steps)
     if k < 1:
         raise ConfigError("grad_accum_steps", f"must be >= 1, got {k}", "use 1 to disable accumulation")

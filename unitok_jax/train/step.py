@@ -113,19 +113,48 @@ def _augment(ctx: StepContext, images, key, **kwargs):
     return ctx.diffaug(images, key, **kwargs) if ctx.diffaug is not None else images
 
 
-def generator_loss(params, state: TrainState, frozen, batch, keys, ctx: StepContext, gan_active: bool):
-    """Total generator loss and its metrics. `keys`: dict of PRNG keys for this step."""
-    w = ctx.weights
-    images = batch["image"].astype(jnp.float32)
+@dataclasses.dataclass(frozen=True)
+class FullBatchTerms:
+    """Terms of a micro-batch's loss that depend on the whole batch (train.full_batch_accum).
+
+    clip_cotangents: (∂L/∂image_features, ∂L/∂text_features, ∂L/∂logit_scale) of the full-batch CLIP term for this
+      micro-batch's rows; the micro-batch adds the linear surrogate Σ g·feature instead of its own CLIP loss, so
+      its gradient is exactly its share of the full-batch CLIP gradient. None: no CLIP term.
+    adaptive_weight: the GAN's adaptive weight from full-batch gradient norms (None: computed here).
+    """
+
+    clip_cotangents: tuple[jax.Array, jax.Array, jax.Array] | None = None
+    adaptive_weight: jax.Array | None = None
+
+
+def _training_model(params, frozen, ctx: StepContext):
     params = _compute_view(ctx, "params", params)
     frozen = {k: v if k == "disc_rest" else _compute_view(ctx, k, v) for k, v in frozen.items()}
     # copy=True: fresh Variables at this trace level (reusing the jit-level ones raises TraceContextError
     # inside value_and_grad when the model holds Rngs, i.e. drop_path_rate > 0).
-    model = nnx.merge(ctx.model_graphdef, params, frozen["model_rest"], copy=True)
+    return nnx.merge(ctx.model_graphdef, params, frozen["model_rest"], copy=True), frozen
+
+
+def model_forward(params, frozen, batch, keys, ctx: StepContext):
+    """(model, images, frozen views, reconstruction fp32, aux) of one training forward."""
+    images = batch["image"].astype(jnp.float32)
+    model, frozen = _training_model(params, frozen, ctx)
     # Per-step randomness (drop-path, TokenFlow's scale drop) comes from an explicit Rngs for this step's key.
     rec, aux = forward(model, images, batch.get("text") if ctx.model_takes_text else None,
                        deterministic=False, rngs=nnx.Rngs(dropout=keys["model"]))
-    rec = rec.astype(jnp.float32)
+    return model, images, frozen, rec.astype(jnp.float32), aux
+
+
+def clip_forward(params, frozen, batch, keys, ctx: StepContext) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The CLIP pair of `model_forward` (same random draws) without decoding: UniTok's `clip_features`."""
+    model, _ = _training_model(params, frozen, ctx)
+    return model.clip_features(batch["image"].astype(jnp.float32), batch["text"], deterministic=False,
+                               rngs=nnx.Rngs(dropout=keys["model"]))
+
+
+def reconstruction_nll(ctx: StepContext, frozen, images) -> Callable[[jax.Array], jax.Array]:
+    """rec -> weighted L1 + L2 (+ LPIPS): the 'nll' side of the adaptive GAN weight."""
+    w = ctx.weights
 
     def nll_fn(r):
         value = w.l1 * reconstruction.l1_loss(r, images) + w.l2 * reconstruction.l2_loss(r, images)
@@ -133,6 +162,50 @@ def generator_loss(params, state: TrainState, frozen, batch, keys, ctx: StepCont
             value = value + w.lpips * _lpips_value(ctx, frozen, r, images)
         return value
 
+    return nll_fn
+
+
+def generator_adversarial(ctx: StepContext, state: TrainState, frozen, keys) -> Callable[[jax.Array], jax.Array]:
+    """rec -> the generator's adversarial loss against the current (frozen for this update) discriminator."""
+    disc_params = jax.lax.stop_gradient(state.disc_params)
+
+    def gan_fn(r):
+        logits = _discriminate(ctx, disc_params, frozen, _augment(ctx, r, keys["aug_gen"]), keys["disc_gen"])
+        return adversarial.generator_adversarial_loss(logits)
+
+    return gan_fn
+
+
+def adaptive_kernel_grads(ctx: StepContext, model, aux, rec, nll_fn, gan_fn) -> tuple[jax.Array, jax.Array]:
+    """(∇_W nll, ∇_W gan) at the last decoder conv W: vjp of that conv with ∂loss/∂rec (no full 2nd backward)."""
+    conv = _get_submodule(model, ctx.adaptive_layer)
+    x_last = jax.lax.stop_gradient(aux["decoder_last_input"])
+    kernel = jax.lax.stop_gradient(conv.kernel.value)
+    grad_kernel = functools.partial(
+        adversarial.conv_kernel_gradient, x_last, kernel, strides=conv.strides, padding=conv.padding,
+        groups=conv.feature_group_count,
+    )
+    rec_sg = jax.lax.stop_gradient(rec)
+    return grad_kernel(jax.grad(nll_fn)(rec_sg)), grad_kernel(jax.grad(gan_fn)(rec_sg))
+
+
+def clip_inputs(aux) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+    """(image features, text features, logit scale) when the forward produced a CLIP pair, else None."""
+    if aux.get("clip_text_features") is None:
+        return None
+    return aux["clip_image_features"], aux["clip_text_features"], aux["logit_scale"]
+
+
+def generator_loss(params, state: TrainState, frozen, batch, keys, ctx: StepContext, gan_active: bool,
+                   given: FullBatchTerms | None = None):
+    """Total generator loss and its metrics. `keys`: dict of PRNG keys for this step.
+
+    `given` (micro-batches of full-batch accumulation): whole-batch terms computed beforehand; the reported
+    `train/loss/total` then leaves out the CLIP term, which the caller knows for the whole batch.
+    """
+    w = ctx.weights
+    model, images, frozen, rec, aux = model_forward(params, frozen, batch, keys, ctx)
+    nll_fn = reconstruction_nll(ctx, frozen, images)
     metrics = {
         "train/loss/l1": reconstruction.l1_loss(rec, images),
         "train/loss/l2": reconstruction.l2_loss(rec, images),
@@ -154,33 +227,26 @@ def generator_loss(params, state: TrainState, frozen, batch, keys, ctx: StepCont
         distill = cosine_distillation_loss(aux["sem_rec"], teacher(images))
         metrics["train/loss/distill"] = distill
         total = total + w.distill * distill
-    if aux.get("clip_text_features") is not None and w.clip:
-        clip = contrastive.clip_loss(aux["clip_image_features"], aux["clip_text_features"], aux["logit_scale"], ctx.mesh)
-        metrics["train/loss/clip"] = clip
-        metrics["train/logit_scale"] = aux["logit_scale"]
-        total = total + w.clip * clip
+    surrogate = jnp.zeros((), jnp.float32)
+    if clip_inputs(aux) is not None and w.clip:
+        if given is not None and given.clip_cotangents is not None:
+            # ⟨g, x⟩ has gradient g·∂x/∂θ: this micro-batch's exact share of the full-batch CLIP gradient.
+            surrogate = sum(jnp.sum(jax.lax.stop_gradient(g) * x.astype(jnp.float32))
+                            for g, x in zip(given.clip_cotangents, clip_inputs(aux)))
+        else:
+            clip = contrastive.clip_loss(*clip_inputs(aux), ctx.mesh)
+            metrics["train/loss/clip"] = clip
+            metrics["train/logit_scale"] = aux["logit_scale"]
+            total = total + w.clip * clip
 
     if gan_active:
-        disc_params = jax.lax.stop_gradient(state.disc_params)
-
-        def gan_fn(r):
-            logits = _discriminate(ctx, disc_params, frozen, _augment(ctx, r, keys["aug_gen"]), keys["disc_gen"])
-            return adversarial.generator_adversarial_loss(logits)
-
+        gan_fn = generator_adversarial(ctx, state, frozen, keys)
         g_adv = gan_fn(rec)
-        if w.adaptive_gan_weight:
-            # ∇_W of each loss at the last decoder conv W = vjp of that conv with ∂loss/∂rec (no full 2nd backward).
-            conv = _get_submodule(model, ctx.adaptive_layer)
-            x_last = jax.lax.stop_gradient(aux["decoder_last_input"])
-            kernel = jax.lax.stop_gradient(conv.kernel.value)
-            grad_kernel = functools.partial(
-                adversarial.conv_kernel_gradient, x_last, kernel, strides=conv.strides, padding=conv.padding,
-                groups=conv.feature_group_count,
-            )
-            rec_sg = jax.lax.stop_gradient(rec)
-            adaptive = adversarial.adaptive_weight(
-                grad_kernel(jax.grad(nll_fn)(rec_sg)), grad_kernel(jax.grad(gan_fn)(rec_sg)), w.adaptive_clamp
-            )
+        if given is not None and given.adaptive_weight is not None:
+            adaptive = given.adaptive_weight
+        elif w.adaptive_gan_weight:
+            adaptive = adversarial.adaptive_weight(*adaptive_kernel_grads(ctx, model, aux, rec, nll_fn, gan_fn),
+                                                   w.adaptive_clamp)
         else:
             adaptive = jnp.ones((), jnp.float32)
         ramp = adversarial.gan_ramp(state.step, ctx.gan_start_step, ctx.gan_ramp_steps)
@@ -189,7 +255,7 @@ def generator_loss(params, state: TrainState, frozen, batch, keys, ctx: StepCont
         metrics.update({"train/loss/g_adv": g_adv, "train/gan/adaptive_weight": adaptive, "train/gan/weight": gan_weight})
 
     metrics["train/loss/total"] = total
-    return total, (metrics, rec)
+    return total + surrogate, (metrics, rec)
 
 
 def discriminator_loss(disc_params, frozen, images, fake, keys, ctx: StepContext):
@@ -214,11 +280,24 @@ def discriminator_loss(disc_params, frozen, images, fake, keys, ctx: StepContext
 _KEY_NAMES = ("model", "aug_gen", "disc_gen", "aug_real", "aug_fake", "disc_real", "disc_fake", "bcr_real", "bcr_fake")
 
 
+def step_keys(state: TrainState) -> dict[str, jax.Array]:
+    return dict(zip(_KEY_NAMES, jax.random.split(state.step_key(), len(_KEY_NAMES))))
+
+
 def train_step(state: TrainState, frozen, batch, *, ctx: StepContext, gan_active: bool):
-    keys = dict(zip(_KEY_NAMES, jax.random.split(state.step_key(), len(_KEY_NAMES))))
+    keys = step_keys(state)
     (loss, (metrics, rec)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
         state.params, state, frozen, batch, keys, ctx, gan_active
     )
+    return apply_gradients(state, frozen, batch, keys, ctx=ctx, gan_active=gan_active, loss=loss, grads=grads,
+                           metrics=metrics, rec=rec)
+
+
+def apply_gradients(state: TrainState, frozen, batch, keys, *, ctx: StepContext, gan_active: bool, loss, grads,
+                    metrics, rec):
+    """Apply the generator gradients and, with the GAN on, one discriminator update against `rec`; a step whose
+    loss or gradients are not finite changes nothing but the step and the health counters."""
+    metrics = dict(metrics)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
     params = _clamp_logit_scale(optax.apply_updates(state.params, updates), ctx.logit_scale_max)

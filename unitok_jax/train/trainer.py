@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from unitok_jax import config_lib
 from unitok_jax.evals import runner as eval_runner
 from unitok_jax.parallel import sharding as shd
-from unitok_jax.train import checkpointing, flops, grad_accum, metric_writers, optimizers, perf
+from unitok_jax.train import checkpointing, flops, full_batch_accum, grad_accum, metric_writers, optimizers, perf
 from unitok_jax.train import step as step_lib
 from unitok_jax.train.state import TrainState, initial_counters
 from unitok_jax.train.validation import validate_config
@@ -45,7 +45,8 @@ class Components:
     frozen_shardings: Any
     abstract_state: Any
     param_count: int
-    grad_accum_steps: int = 1  # > 1: each step = that many micro-batches (train.grad_accum)
+    grad_accum_steps: int = 1  # > 1: each step = that many micro-batches
+    grad_accum_mode: str = "full_batch"  # train.full_batch_accum (exact) or "micro_batch" (train.grad_accum)
 
 
 def _dtype(name: str):
@@ -192,12 +193,14 @@ def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components
         mesh=mesh, ctx=ctx, init_state=jax.jit(init_state_fn, out_shardings=state_sh), init_frozen=init_frozen,
         state_shardings=state_sh, frozen_shardings=frozen_sh, abstract_state=abstract_state, param_count=param_count,
         grad_accum_steps=_grad_accum_steps(config, mesh),
+        grad_accum_mode=str(config.get("grad_accum_mode", "full_batch")),
     )
 
 
 def _grad_accum_steps(config, mesh) -> int:
     k = int(config.get("grad_accum_steps", 1) or 1)
-    grad_accum.check_config(k, int(config.global_batch_size), mesh.shape["data"] * mesh.shape["fsdp"])
+    grad_accum.check_config(k, int(config.global_batch_size), mesh.shape["data"] * mesh.shape["fsdp"],
+                            str(config.get("grad_accum_mode", "full_batch")))
     return k
 
 
@@ -224,7 +227,11 @@ def jit_train_steps(components: Components, batch_shardings) -> dict[bool, Any]:
         if gan_active and components.ctx.disc_graphdef is None:
             continue
         fn = functools.partial(step_lib.train_step, ctx=components.ctx, gan_active=gan_active)
-        if components.grad_accum_steps > 1:
+        if components.grad_accum_steps > 1 and components.grad_accum_mode == "full_batch":
+            fn = functools.partial(
+                full_batch_accum.full_batch_accumulated_train_step, ctx=components.ctx, gan_active=gan_active,
+                num_micro_batches=components.grad_accum_steps, param_shardings=components.state_shardings.params)
+        elif components.grad_accum_steps > 1:
             fn = functools.partial(
                 grad_accum.accumulated_train_step, ctx=components.ctx, gan_active=gan_active,
                 num_micro_batches=components.grad_accum_steps, param_shardings=components.state_shardings.params,
