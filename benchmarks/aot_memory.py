@@ -59,6 +59,7 @@ def main(_):
     if _ACCUM.value is not None:
         config.grad_accum_steps = _ACCUM.value
     config.grad_accum_mode = _ACCUM_MODE.value
+    config.grad_accum_unroll = False  # compile the accelerators' scan, not the CPU unrolling (trainer._grad_accum_unroll)
     accum = int(config.get("grad_accum_steps", 1))
     rows = []
     for remat in _REMAT.value:

@@ -85,6 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 'full_batch': exact full-batch CLIP negatives and adaptive GAN weight, one extra forward (train.full_batch_accum);
     # 'micro_batch': cheaper, CLIP/adaptive weight per micro-batch (train.grad_accum).
     c.grad_accum_mode = "full_batch"
+    # unset: unroll the micro-batch loop on CPU only (XLA:CPU runs convolutions inside loops slowly); True/False force it
+    c.grad_accum_unroll = ml_collections.config_dict.placeholder(bool)
     c.eval_batch_size = 16
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="data_parallel"))

@@ -48,6 +48,14 @@ def test_config_checks():
     grad_accum.check_config(2, 16, 8)
 
 
+def test_micro_batch_loop_is_unrolled_on_cpu_unless_configured(tmp_path):
+    config = micro_config(tmp_path)
+    mesh = jax.make_mesh((jax.device_count(), 1, 1), ("data", "fsdp", "tensor"))
+    assert trainer._grad_accum_unroll(config, mesh)  # CPU devices: XLA:CPU runs convs in loops slowly
+    config.grad_accum_unroll = False  # e.g. benchmarks/aot_memory.py, which models an accelerator's scan
+    assert not trainer._grad_accum_unroll(config, mesh)
+
+
 def _assert_same_update(acc, full, lr):
     # Adam's first step is ~lr·sign(g): entries with a ~0 gradient (e.g. attention k-biases) may flip sign.
     loose = total = 0

@@ -53,8 +53,10 @@ def _micro_batch_keys(keys: dict, k: int) -> dict:
 
 
 def full_batch_accumulated_train_step(state: TrainState, frozen, batch, *, ctx: step_lib.StepContext,
-                                      gan_active: bool, num_micro_batches: int, param_shardings=None):
+                                      gan_active: bool, num_micro_batches: int, param_shardings=None,
+                                      unroll: bool = False):
     k = int(num_micro_batches)
+    unroll = k if unroll else 1  # lax.scan's unroll factor (trainer._grad_accum_unroll)
     w = ctx.weights
     keys = step_lib.step_keys(state)
     micro = split_micro_batches(batch, k, ctx.mesh)
@@ -77,7 +79,7 @@ def full_batch_accumulated_train_step(state: TrainState, frozen, batch, *, ctx: 
                 out["clip"] = step_lib.clip_inputs(aux)
             return None, out
 
-        _, first = jax.lax.scan(first_pass, None, (micro, micro_keys))
+        _, first = jax.lax.scan(first_pass, None, (micro, micro_keys), unroll=unroll)
 
         if want_clip:
             image_features, text_features, logit_scale = first["clip"]
@@ -107,8 +109,8 @@ def full_batch_accumulated_train_step(state: TrainState, frozen, batch, *, ctx: 
             state.params, state, frozen, chunk, chunk_keys, ctx, gan_active, given)
         return constrain(jax.tree.map(jnp.add, grad_sum, grads)), (metrics, rec)
 
-    grad_sum, (metrics, recs) = jax.lax.scan(
-        second_pass, constrain(jax.tree.map(jnp.zeros_like, state.params)), (micro, micro_keys, clip_cotangents))
+    grad_sum, (metrics, recs) = jax.lax.scan(second_pass, constrain(jax.tree.map(jnp.zeros_like, state.params)),
+                                             (micro, micro_keys, clip_cotangents), unroll=unroll)
     grads = jax.tree.map(lambda g: g / k, grad_sum)
     metrics = {name: jnp.mean(value.astype(jnp.float32)) for name, value in metrics.items()}
     loss = metrics["train/loss/total"]

@@ -66,7 +66,8 @@ def split_micro_batches(batch: dict, k: int, mesh) -> dict:
 
 
 def accumulated_train_step(state: TrainState, frozen, batch, *, ctx: step_lib.StepContext, gan_active: bool,
-                           num_micro_batches: int, param_shardings=None, disc_param_shardings=None):
+                           num_micro_batches: int, param_shardings=None, disc_param_shardings=None,
+                           unroll: bool = False):
     k = int(num_micro_batches)
     capture = _capture()
     micro_ctx = dataclasses.replace(
@@ -90,7 +91,8 @@ def accumulated_train_step(state: TrainState, frozen, batch, *, ctx: step_lib.St
         return carry, metrics
 
     micro_batches = split_micro_batches(batch, k, ctx.mesh)
-    carry, metrics = jax.lax.scan(body, base, (jnp.arange(k, dtype=jnp.int32), micro_batches))
+    carry, metrics = jax.lax.scan(body, base, (jnp.arange(k, dtype=jnp.int32), micro_batches),
+                                  unroll=k if unroll else 1)  # unroll: trainer._grad_accum_unroll
     bad = carry.nonfinite_steps  # micro-batches left out
     good = jnp.maximum(k - bad, 1).astype(jnp.float32)
     grads = jax.tree.map(lambda g: g / good, carry.opt_state.total)

@@ -47,6 +47,7 @@ class Components:
     param_count: int
     grad_accum_steps: int = 1  # > 1: each step = that many micro-batches
     grad_accum_mode: str = "full_batch"  # train.full_batch_accum (exact) or "micro_batch" (train.grad_accum)
+    grad_accum_unroll: bool = False  # unroll the micro-batch loop (see _grad_accum_unroll)
 
 
 def _dtype(name: str):
@@ -194,6 +195,7 @@ def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components
         state_shardings=state_sh, frozen_shardings=frozen_sh, abstract_state=abstract_state, param_count=param_count,
         grad_accum_steps=_grad_accum_steps(config, mesh),
         grad_accum_mode=str(config.get("grad_accum_mode", "full_batch")),
+        grad_accum_unroll=_grad_accum_unroll(config, mesh),
     )
 
 
@@ -202,6 +204,16 @@ def _grad_accum_steps(config, mesh) -> int:
     grad_accum.check_config(k, int(config.global_batch_size), mesh.shape["data"] * mesh.shape["fsdp"],
                             str(config.get("grad_accum_mode", "full_batch")))
     return k
+
+
+def _grad_accum_unroll(config, mesh) -> bool:
+    """`grad_accum_unroll` (None = auto): unroll on CPU, where XLA runs convolutions inside a while loop several
+    times slower than outside one (jax-ml/jax#12868; measured here: a tiny UniTok step 15x slower as a 2-iteration
+    scan). Accelerators keep the scan, whose strict order is what bounds memory to one micro-batch."""
+    value = config.get("grad_accum_unroll", None)
+    if value is not None:
+        return bool(value)
+    return mesh.devices.flat[0].platform == "cpu"
 
 
 def _diffaug_with_defaults(fn, images, key, *, translation, color, cutout, **overrides):
@@ -230,12 +242,13 @@ def jit_train_steps(components: Components, batch_shardings) -> dict[bool, Any]:
         if components.grad_accum_steps > 1 and components.grad_accum_mode == "full_batch":
             fn = functools.partial(
                 full_batch_accum.full_batch_accumulated_train_step, ctx=components.ctx, gan_active=gan_active,
-                num_micro_batches=components.grad_accum_steps, param_shardings=components.state_shardings.params)
+                num_micro_batches=components.grad_accum_steps, param_shardings=components.state_shardings.params,
+                unroll=components.grad_accum_unroll)
         elif components.grad_accum_steps > 1:
             fn = functools.partial(
                 grad_accum.accumulated_train_step, ctx=components.ctx, gan_active=gan_active,
                 num_micro_batches=components.grad_accum_steps, param_shardings=components.state_shardings.params,
-                disc_param_shardings=components.state_shardings.disc_params)
+                disc_param_shardings=components.state_shardings.disc_params, unroll=components.grad_accum_unroll)
         steps[gan_active] = jax.jit(
             fn,
             in_shardings=(components.state_shardings, components.frozen_shardings, batch_shardings),
