@@ -79,6 +79,7 @@ _PIX_DEC = {"ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "z_chann
             "attn_at_coarsest_level": True}
 _QUANT = {"codebook_size": 32768, "semantic_dim": 32, "pixel_dim": 8, "w_dis": 1.0, "beta": 0.25, "l2_norm": True}
 
+
 def _semantic_heads(width: int, teacher_dim: int) -> dict:
     """encode_task_layer (width -> 32), BEiT semantic decoder (3 blocks, 12 heads) and decode_task_layer
     (width -> teacher_dim): the same structure for every semantic tower (spec §2.3, §4.1)."""

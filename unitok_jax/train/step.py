@@ -228,13 +228,14 @@ def generator_loss(params, state: TrainState, frozen, batch, keys, ctx: StepCont
         metrics["train/loss/distill"] = distill
         total = total + w.distill * distill
     surrogate = jnp.zeros((), jnp.float32)
-    if clip_inputs(aux) is not None and w.clip:
+    clip_pair = clip_inputs(aux)
+    if clip_pair is not None and w.clip:
         if given is not None and given.clip_cotangents is not None:
             # ⟨g, x⟩ has gradient g·∂x/∂θ: this micro-batch's exact share of the full-batch CLIP gradient.
             surrogate = sum(jnp.sum(jax.lax.stop_gradient(g) * x.astype(jnp.float32))
-                            for g, x in zip(given.clip_cotangents, clip_inputs(aux)))
+                            for g, x in zip(given.clip_cotangents, clip_pair))
         else:
-            clip = contrastive.clip_loss(*clip_inputs(aux), ctx.mesh)
+            clip = contrastive.clip_loss(*clip_pair, ctx.mesh)
             metrics["train/loss/clip"] = clip
             metrics["train/logit_scale"] = aux["logit_scale"]
             total = total + w.clip * clip

@@ -194,15 +194,19 @@ def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components
         mesh=mesh, ctx=ctx, init_state=jax.jit(init_state_fn, out_shardings=state_sh), init_frozen=init_frozen,
         state_shardings=state_sh, frozen_shardings=frozen_sh, abstract_state=abstract_state, param_count=param_count,
         grad_accum_steps=_grad_accum_steps(config, mesh),
-        grad_accum_mode=str(config.get("grad_accum_mode", "full_batch")),
+        grad_accum_mode=_grad_accum_mode(config),
         grad_accum_unroll=_grad_accum_unroll(config, mesh),
     )
+
+
+def _grad_accum_mode(config) -> str:
+    return str(config.get("grad_accum_mode", "full_batch"))
 
 
 def _grad_accum_steps(config, mesh) -> int:
     k = int(config.get("grad_accum_steps", 1) or 1)
     grad_accum.check_config(k, int(config.global_batch_size), mesh.shape["data"] * mesh.shape["fsdp"],
-                            str(config.get("grad_accum_mode", "full_batch")))
+                            _grad_accum_mode(config))
     return k
 
 
