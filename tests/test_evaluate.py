@@ -134,8 +134,11 @@ def test_fid_with_stub_features_caches_reference_stats(trained, tmp_path, monkey
     proj = rng.normal(size=(32 * 32 * 3, 8)).astype(np.float32)
 
     def features(images):
+        # Row by row: a BLAS matmul's rounding can depend on the number of rows (OpenBLAS picks kernels by shape),
+        # and the first run passes reconstructions and references together, the second reconstructions alone.
         flat = np.asarray(images, np.float32).reshape(len(images), -1)
-        return {"pool3": flat @ proj, "logits": flat @ proj}
+        out = np.stack([row @ proj for row in flat])
+        return {"pool3": out, "logits": out}
 
     def stub(config_, ec, files, num_batches, batch_size):
         return fid.FidEvaluator(None, ec.fid.reference_stats or None, feature_fn=features, feature_dim=8,
