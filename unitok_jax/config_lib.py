@@ -9,6 +9,8 @@ from typing import Any, Callable, Iterable
 
 import ml_collections
 
+from unitok_jax import paths
+
 
 class ConfigError(ValueError):
     """A config field is invalid. The message names the field and how to fix it."""
@@ -59,7 +61,7 @@ def check_divisible(numerator: int, denominator: int, field: str, what: str, fix
 
 def check_file(path: str, field: str, what: str) -> None:
     check(bool(path), field, f"{what} is enabled but no weight file is set", f"set --config.{field}=/path/to/file or disable {what}")
-    check(os.path.exists(path), field, f"{what} weight file {path!r} does not exist", f"point --config.{field} at an existing file or disable {what}")
+    check(paths.exists(path), field, f"{what} weight file {path!r} does not exist", f"point --config.{field} at an existing file or disable {what}")
 
 
 Validator = Callable[[ml_collections.ConfigDict], None]

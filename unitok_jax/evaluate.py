@@ -20,10 +20,11 @@ prints both. Multi-process (pods / several GPU hosts): add --distributed (or --c
 from __future__ import annotations
 
 import json
-import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from unitok_jax import paths
 
 _FLAGS: dict = {}
 
@@ -55,11 +56,10 @@ def initialize_distributed(FLAGS) -> None:
 
 
 def _default_output(checkpoint_path: str, step) -> str:
-    if os.path.isfile(checkpoint_path):
-        base = os.path.splitext(os.path.basename(checkpoint_path))[0]
-        return os.path.join(os.path.dirname(checkpoint_path), f"{base}_eval", "report.json")
-    run = os.path.dirname(os.path.dirname(checkpoint_path))  # <run>/checkpoints/<step>
-    return os.path.join(run, "eval", f"report_step{step}.json")
+    if paths.isfile(checkpoint_path):
+        return paths.join(paths.parent(checkpoint_path), f"{paths.stem(checkpoint_path)}_eval", "report.json")
+    run = paths.parent(paths.parent(checkpoint_path))  # <run>/checkpoints/<step>
+    return paths.join(run, "eval", f"report_step{step}.json")
 
 
 def evaluate(config, checkpoint: str, *, workdir: str | None = None, evals: str | None = None,
@@ -71,14 +71,14 @@ def evaluate(config, checkpoint: str, *, workdir: str | None = None, evals: str 
 
     path = runner.resolve_checkpoint(checkpoint, workdir)
     if config is None:
-        if os.path.isfile(path):
+        if paths.isfile(path):
             raise ValueError("an official weight file needs --config (data and eval settings)")
         config = runner.checkpoint_config(path)
         if config is None:
             raise ValueError(f"{path} has no saved config: pass --config")
     model, step = runner.load_model_from_checkpoint(config, path)
     output = output or _default_output(path, step)
-    report = runner.run_evals(config, model, evals, step=step, output_dir=os.path.dirname(os.path.abspath(output)),
+    report = runner.run_evals(config, model, evals, step=step, output_dir=paths.parent(output),
                               num_batches=num_batches)
     report["meta/checkpoint"] = path
     report["meta/evals"] = ",".join(runner.parse_names(evals if evals is not None else runner.eval_config(config).names))

@@ -19,8 +19,6 @@ P-th record into its own shards and process 0 writes the manifest (--coordinator
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -29,6 +27,8 @@ import msgpack
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from unitok_jax import paths as _paths  # not `paths`: export_codes() uses that name for its input files
 
 FORMAT = "unitok_jax.codes/1"
 MANIFEST = "manifest.json"
@@ -42,7 +42,8 @@ def _define_flags() -> None:
         "config", None, "Config file (data settings); default: the checkpoint's saved config.", lock_config=False)
     flags.DEFINE_string("checkpoint", None, "Run workdir, checkpoints dir, step dir, step number, or official .pth/.npz.")
     flags.DEFINE_string("workdir", None, "Run directory, when --checkpoint is a step number.")
-    flags.DEFINE_string("output_dir", None, "Directory for the code shards and manifest.json.")
+    flags.DEFINE_string("output_dir", None,
+                        "Directory for the code shards and manifest.json (local or a gcsfuse mount, not gs://).")
     flags.DEFINE_string("files", "", "ArrayRecord glob / dir / manifest to export (default: config.data --split).")
     flags.DEFINE_enum("split", "train", ["train", "eval"], "Split of config.data, when --files is not given.")
     flags.DEFINE_integer("batch_size", 64, "Images per forward pass (per process).")
@@ -86,10 +87,9 @@ def read_codes(output_dir: str) -> Iterator[dict[str, Any]]:
     """All exported records, shard by shard in manifest order."""
     from unitok_jax.data import records
 
-    with open(os.path.join(output_dir, MANIFEST)) as f:
-        manifest = json.load(f)
+    manifest = _paths.read_json(_paths.join(output_dir, MANIFEST))
     for shard in manifest["shards"]:
-        for raw in records.iter_array_record(os.path.join(output_dir, shard["file"])):
+        for raw in records.iter_array_record(_paths.join(output_dir, shard["file"])):
             yield decode_codes_record(raw)
 
 
@@ -142,7 +142,7 @@ class _ShardWriter:
         if not self.pending:
             return
         name = f"codes-{self.process_index:05d}-{len(self.shards):05d}.array_record"
-        count = records.write_array_record(os.path.join(self.output_dir, name), self.pending)
+        count = records.write_array_record(_paths.join(self.output_dir, name), self.pending)
         self.shards.append({"file": name, "count": count, "process": self.process_index})
         self.pending = []
 
@@ -158,7 +158,9 @@ def export_codes(config, model, output_dir: str, *, files: str = "", split: str 
     from unitok_jax.data import records
 
     t0 = time.time()
-    os.makedirs(output_dir, exist_ok=True)
+    # The shards are ArrayRecord files (local writer only): fail here, not after the first shard's worth of work.
+    _paths.require_local(output_dir, "writing ArrayRecord code shards")
+    _paths.makedirs(output_dir)
     paths = _input_files(config, files, split)
     source = records.read_array_records(paths)
     total = len(source) if not max_examples else min(len(source), int(max_examples))
@@ -210,7 +212,7 @@ def export_codes(config, model, output_dir: str, *, files: str = "", split: str 
         for p in range(nproc):
             for s in range(int(np.asarray(counts)[p, 0])):
                 name = f"codes-{p:05d}-{s:05d}.array_record"
-                shards.append({"file": name, "count": records.count_array_records(os.path.join(output_dir, name)),
+                shards.append({"file": name, "count": records.count_array_records(_paths.join(output_dir, name)),
                                "process": p})
     manifest = {
         "format": FORMAT,
@@ -230,10 +232,7 @@ def export_codes(config, model, output_dir: str, *, files: str = "", split: str 
         "seconds": time.time() - t0,
     }
     if pid == 0:
-        tmp = os.path.join(output_dir, MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=2)
-        os.replace(tmp, os.path.join(output_dir, MANIFEST))
+        _paths.write_json_atomic(_paths.join(output_dir, MANIFEST), manifest, indent=2)
     return manifest
 
 
@@ -251,7 +250,7 @@ def main(argv):
     path = runner.resolve_checkpoint(FLAGS.checkpoint, FLAGS.workdir)
     config = _FLAGS["config"].value
     if config is None:
-        config = None if os.path.isfile(path) else runner.checkpoint_config(path)
+        config = None if _paths.isfile(path) else runner.checkpoint_config(path)
         if config is None:
             raise app.UsageError("--config is required for this checkpoint (no saved config)")
     model, step = runner.load_model_from_checkpoint(config, path)

@@ -9,14 +9,15 @@ model's image size; unreadable files are reported and skipped.
 """
 from __future__ import annotations
 
-import glob
-import os
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from unitok_jax import paths as _paths  # not `paths`: the functions below use that name for lists of images
 
 FLAGS = flags.FLAGS
 
@@ -26,8 +27,8 @@ def _define_flags() -> None:
     used next to other CLIs' flags, e.g. from a notebook or a test)."""
     config_flags.DEFINE_config_file("config", None, "Training config (only needed when the checkpoint has none).")
     flags.DEFINE_string("checkpoint", None, "Run dir, step dir, or official .pth/.npz file.", required=True)
-    flags.DEFINE_list("images", None, "Image files, globs or directories.", required=True)
-    flags.DEFINE_string("output", "reconstructions", "Output directory.")
+    flags.DEFINE_list("images", None, "Image files, globs or directories (local or gs://).", required=True)
+    flags.DEFINE_string("output", "reconstructions", "Output directory (local or gs://).")
     flags.DEFINE_integer("image_size", None, "Input size (default: the model's image_size, else 256).")
     flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
     flags.DEFINE_string("model_preset", None,
@@ -37,10 +38,11 @@ def _define_flags() -> None:
 def expand_image_paths(specs: list[str]) -> list[str]:
     paths: list[str] = []
     for spec in specs:
-        if os.path.isdir(spec):
-            paths += sorted(os.path.join(spec, f) for f in os.listdir(spec) if not f.startswith("."))
+        if _paths.isdir(spec):
+            paths += [_paths.join(spec, f) for f in _paths.listdir(spec) if not f.startswith(".")]
         else:
-            paths += sorted(glob.glob(spec)) or [spec]
+            # An unmatched spec is kept so load_images reports it as unreadable instead of it vanishing silently.
+            paths += _paths.glob(spec) or [spec]
     return paths
 
 
@@ -50,8 +52,7 @@ def load_images(paths: list[str], size: int) -> tuple[list[str], np.ndarray]:
     kept, images = [], []
     for path in paths:
         try:
-            with open(path, "rb") as f:
-                images.append(eval_transform(f.read(), size))
+            images.append(eval_transform(_paths.read_bytes(path), size))
             kept.append(path)
         except (OSError, BadSample) as e:
             logging.warning("skipping %s: %s", path, e)
@@ -78,13 +79,13 @@ def main(argv):
     from unitok_jax.train.metric_writers import to_uint8
     from PIL import Image
 
-    if FLAGS.model_preset and os.path.isfile(FLAGS.checkpoint):
+    if FLAGS.model_preset and _paths.isfile(FLAGS.checkpoint):
         from unitok_jax.convert.official import load_unitok
         from unitok_jax.convert.torch_io import load_state_dict
 
         path = FLAGS.checkpoint
         if path.endswith(".npz"):
-            with np.load(path) as z:
+            with np.load(_paths.local_copy(path)) as z:  # np.load needs a local file; gs:// is fetched once
                 source = {k.removeprefix("param/"): z[k] for k in z.files if not k.startswith(("in/", "out/", "grad/"))}
         else:
             source = load_state_dict(path, subkeys=("trainer", "unitok"))
@@ -94,12 +95,16 @@ def main(argv):
     size = FLAGS.image_size or int(getattr(model, "config", {}).get("image_size", 256) or 256)
     paths, images = load_images(expand_image_paths(FLAGS.images), size)
     codes, recs = reconstruct(model, images, FLAGS.batch_size)
-    os.makedirs(FLAGS.output, exist_ok=True)
+    _paths.makedirs(FLAGS.output)
+    # Encoded in memory and written whole: --output may be an object store, where files cannot be written in place.
     for path, image, rec in zip(paths, images, recs):
-        name = os.path.splitext(os.path.basename(path))[0]
         pair = np.concatenate([to_uint8(image), to_uint8(rec)], axis=1)
-        Image.fromarray(pair).save(os.path.join(FLAGS.output, f"{name}_recon.png"))
-    np.savez(os.path.join(FLAGS.output, "codes.npz"), codes=codes, files=np.array(paths))
+        buf = io.BytesIO()
+        Image.fromarray(pair).save(buf, format="PNG")
+        _paths.write_bytes_atomic(_paths.join(FLAGS.output, f"{_paths.stem(path)}_recon.png"), buf.getvalue())
+    buf = io.BytesIO()
+    np.savez(buf, codes=codes, files=np.array(paths))
+    _paths.write_bytes_atomic(_paths.join(FLAGS.output, "codes.npz"), buf.getvalue())
     psnr = [float(10 * np.log10(4.0 / max(np.mean((a - b) ** 2), 1e-12))) for a, b in zip(images, np.clip(recs, -1, 1))]
     print(f"reconstructed {len(paths)} images (checkpoint step {step}); codes {codes.shape}; "
           f"mean PSNR {np.mean(psnr):.2f} dB; written to {FLAGS.output}")

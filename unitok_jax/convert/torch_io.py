@@ -9,6 +9,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from unitok_jax import paths
+
 
 def _require_torch():
     try:
@@ -25,9 +27,9 @@ def _require_torch():
 
 def load_torch_file(path: str | os.PathLike) -> Any:
     """torch.load on CPU (weights_only where possible); raises a clear error for missing or truncated files."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if not paths.exists(path):
+        raise FileNotFoundError(f"checkpoint file not found: {os.fspath(path)}")
+    path = paths.local_copy(path)  # torch.load reads local files; gs:// weights are fetched once into a cache
     torch = _require_torch()
     try:
         return torch.load(path, map_location="cpu", weights_only=False)

@@ -37,6 +37,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from unitok_jax import paths
+
 try:  # optional, as in open_clip
     import ftfy  # type: ignore
 except ImportError:  # pragma: no cover - depends on the environment
@@ -259,13 +261,12 @@ def pre_tokenize(text: str, *, use_regex: bool | None = None) -> list[str]:
 def read_merges(bpe_path: str | os.PathLike, num_merges: int = NUM_MERGES) -> list[tuple[str, str]]:
     """Merges of a CLIP vocab file: skip the header line, take at most `num_merges` non-empty lines."""
     path = os.fspath(bpe_path)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(
             f"CLIP BPE vocabulary not found: {path} (open_clip's bpe_simple_vocab_16e6.txt.gz; it is not downloaded)"
         )
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        lines = f.read().decode("utf-8").split("\n")
+    raw = paths.read_bytes(path)
+    lines = (gzip.decompress(raw) if path.endswith(".gz") else raw).decode("utf-8").split("\n")
     merges = []
     for line_no, line in enumerate(lines[1:1 + num_merges], start=2):
         if not line.strip():

@@ -8,17 +8,18 @@ smaller one. ``build_embedded_dataset`` writes ArrayRecord shards once and reuse
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
-import shutil
 import tempfile
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from unitok_jax import paths
 from unitok_jax.data import records
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -199,7 +200,7 @@ def _write_split(tmp_dir: str, seed: int, split: str, num: int, image_size: int)
   for s in range(num_shards):
     start, stop = s * num // num_shards, (s + 1) * num // num_shards
     name = f"{split}-{s:05d}-of-{num_shards:05d}{records.ARRAY_RECORD_SUFFIX}"
-    records.write_array_record(os.path.join(tmp_dir, name), _split_records(seed, split, start, stop, image_size))
+    records.write_array_record(paths.join(tmp_dir, name), _split_records(seed, split, start, stop, image_size))
     names.append(name)
   return names
 
@@ -225,11 +226,11 @@ def build_embedded_dataset(
   args = {"format": _FORMAT, "num_train": int(num_train), "num_eval": int(num_eval),
           "image_size": int(image_size), "seed": int(seed)}
   key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:12]
-  data_dir = os.path.abspath(os.fspath(data_dir))
-  out_dir = os.path.join(data_dir, f"embedded-{key}")
+  data_dir = paths.require_local(data_dir, "the embedded dataset's data_dir")  # ArrayRecord shards are local files
+  out_dir = paths.join(data_dir, f"embedded-{key}")
   manifest = _read_manifest(out_dir, args)
   if manifest is None:
-    os.makedirs(data_dir, exist_ok=True)
+    paths.makedirs(data_dir)
     tmp_dir = tempfile.mkdtemp(prefix=f".embedded-{key}-", dir=data_dir)
     try:
       manifest = {
@@ -238,22 +239,23 @@ def build_embedded_dataset(
           "eval": _write_split(tmp_dir, seed, "eval", num_eval, image_size),
           "class_names": class_names(),
       }
-      with open(os.path.join(tmp_dir, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1)
+      paths.write_json_atomic(paths.join(tmp_dir, MANIFEST), manifest, indent=1)
       if _read_manifest(out_dir, args) is None:  # else a concurrent builder finished first: use theirs
-        if os.path.isdir(out_dir):  # an incomplete leftover (no valid manifest): replace it
-          shutil.rmtree(out_dir, ignore_errors=True)
+        if paths.isdir(out_dir):  # an incomplete leftover (no valid manifest): replace it
+          with contextlib.suppress(OSError):
+            paths.rmtree(out_dir)
         try:
-          os.rename(tmp_dir, out_dir)
+          paths.rename(tmp_dir, out_dir)
         except OSError:
           if _read_manifest(out_dir, args) is None:  # losing a rename race is fine only if the winner is complete
             raise
     finally:
-      shutil.rmtree(tmp_dir, ignore_errors=True)
+      with contextlib.suppress(OSError):
+        paths.rmtree(tmp_dir)
     manifest = _read_manifest(out_dir, args)
   return {
-      "train": [os.path.join(out_dir, n) for n in manifest["train"]],
-      "eval": [os.path.join(out_dir, n) for n in manifest["eval"]],
+      "train": [paths.join(out_dir, n) for n in manifest["train"]],
+      "eval": [paths.join(out_dir, n) for n in manifest["eval"]],
       "class_names": list(manifest["class_names"]),
       "dir": out_dir,
       "num_train": num_train,
@@ -262,15 +264,13 @@ def build_embedded_dataset(
 
 
 def _read_manifest(out_dir: str, args: dict[str, Any]) -> dict[str, Any] | None:
-  path = os.path.join(out_dir, MANIFEST)
   try:
-    with open(path) as f:
-      manifest = json.load(f)
+    manifest = paths.read_json(paths.join(out_dir, MANIFEST))
   except (OSError, ValueError):
     return None
   if manifest.get("args") != args:
     return None
-  if not all(os.path.exists(os.path.join(out_dir, n)) for n in manifest["train"] + manifest["eval"]):
+  if not all(paths.exists(paths.join(out_dir, n)) for n in manifest["train"] + manifest["eval"]):
     return None
   return manifest
 
@@ -301,7 +301,7 @@ def heldout_photos(image_size: int) -> list[dict[str, Any]]:
     from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
     bunch = load_sample_images()
     for fname, img in zip(bunch.filenames, bunch.images):
-      photos.append((f"sklearn/{os.path.basename(fname)}", np.asarray(img)))
+      photos.append((f"sklearn/{paths.basename(fname)}", np.asarray(img)))
   except Exception:  # pylint: disable=broad-except  # ImportError, or a build without the sample files
     pass
   out = []

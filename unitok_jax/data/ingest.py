@@ -6,6 +6,8 @@ Inputs:
   folder      an image folder plus a captions file (CSV / TSV / JSONL with filename, caption[, label]).
   tfds        a TFDS dataset already prepared locally as ArrayRecord (read with ``tfds.data_source``, no
               TensorFlow); caption = ``caption_template.format(class_name)``.
+Tars, image folders and captions files may be local or ``gs://``; the output directory must be local (or a
+gcsfuse mount), as the ArrayRecord writer writes local files only.
 
 Work is parallel over output shards (processes) and resumable: ``manifest.json`` is rewritten after every
 finished shard, and a rerun skips shards it lists as complete. Undecodable images and missing captions are
@@ -23,11 +25,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import glob
 import io
 import json
 import multiprocessing
 import os
+import posixpath
 import re
 import tarfile
 import time
@@ -37,6 +39,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
+from unitok_jax import paths
 from unitok_jax.data import records, transforms
 
 MANIFEST = "manifest.json"
@@ -80,7 +83,7 @@ def _caption_from_json(meta: dict[str, Any]) -> str | None:
 
 def _iter_webdataset(tar_path: str) -> Iterator[tuple]:
   """Groups consecutive tar members by key (basename up to the first dot, as webdataset does)."""
-  prefix = os.path.splitext(os.path.basename(tar_path))[0]
+  prefix = paths.stem(tar_path)
   current_key, files = None, {}
 
   def emit(key, files):
@@ -110,15 +113,17 @@ def _iter_webdataset(tar_path: str) -> Iterator[tuple]:
     return (f"{prefix}/{key}", image, caption, label, None)
 
   try:
-    with tarfile.open(tar_path, "r:*") as tar:
+    # A file object rather than a name, so gs:// tars are read too (their file objects seek, as "r:*" needs).
+    with paths.open_file(tar_path, "rb") as fileobj, tarfile.open(fileobj=fileobj, mode="r:*") as tar:
       for member in tar:
         if not member.isfile():
           continue
-        dirname, base = os.path.split(member.name)
+        # Member names use the archive's own '/' syntax, not the host's path rules: hence posixpath.
+        dirname, base = posixpath.split(member.name)
         if base.startswith(".") or "." not in base:
           continue
         stem, ext = base.split(".", 1)
-        key = os.path.join(dirname, stem) if dirname else stem
+        key = posixpath.join(dirname, stem) if dirname else stem
         if key != current_key:
           if current_key is not None:
             yield emit(current_key, files)
@@ -138,10 +143,8 @@ def _iter_webdataset(tar_path: str) -> Iterator[tuple]:
 def _iter_folder(spec: dict[str, Any]) -> Iterator[tuple]:
   root = spec["root"]
   for filename, caption, label in spec["rows"]:
-    path = os.path.join(root, filename)
     try:
-      with open(path, "rb") as f:
-        image = f.read()
+      image = paths.read_bytes(paths.join(root, filename))
     except OSError as e:
       yield (filename, None, caption, label, f"missing image: {e.strerror or e}")
       continue
@@ -225,7 +228,7 @@ def _process_shard(args: tuple[ShardTask, str, IngestOptions]) -> dict[str, Any]
       written += 1
       yield {"id": rid, "image": image, "caption": caption, "label": -1 if label is None else label}
 
-  records.write_array_record(os.path.join(output_dir, task.output), good_records())
+  records.write_array_record(paths.join(output_dir, task.output), good_records())
   return {
       "input": task.input_desc,
       "output": task.output,
@@ -242,18 +245,13 @@ def _process_shard(args: tuple[ShardTask, str, IngestOptions]) -> dict[str, Any]
 
 def _load_manifest(output_dir: str) -> dict[str, Any] | None:
   try:
-    with open(os.path.join(output_dir, MANIFEST)) as f:
-      return json.load(f)
+    return paths.read_json(paths.join(output_dir, MANIFEST))
   except (OSError, ValueError):
     return None
 
 
 def _write_manifest(output_dir: str, manifest: dict[str, Any]) -> None:
-  path = os.path.join(output_dir, MANIFEST)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp, path)
+  paths.write_json_atomic(paths.join(output_dir, MANIFEST), manifest, indent=1)
 
 
 def run_tasks(
@@ -265,14 +263,15 @@ def run_tasks(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Runs the shard tasks not yet complete in ``output_dir``'s manifest; returns the final manifest."""
-  output_dir = os.path.abspath(os.path.expanduser(output_dir))
-  os.makedirs(output_dir, exist_ok=True)
+  # The shards are ArrayRecord files (local writer only): fail before any work rather than in every worker.
+  output_dir = paths.require_local(output_dir, "writing ArrayRecord shards")
+  paths.makedirs(output_dir)
   outputs = [t.output for t in tasks]
   if len(set(outputs)) != len(outputs):
     raise ValueError("two input shards map to the same output name; rename the inputs")
   previous = _load_manifest(output_dir) or {}
   done = {s["output"]: s for s in previous.get("shards", [])
-          if s.get("complete") and os.path.exists(os.path.join(output_dir, s["output"]))}
+          if s.get("complete") and paths.exists(paths.join(output_dir, s["output"]))}
   shards = {t.output: done[t.output] for t in tasks if t.output in done and done[t.output]["input"] == t.input_desc}
   todo = [t for t in tasks if t.output not in shards]
   logging.info("ingest: %d shards, %d already complete, %d to do, %d workers",
@@ -337,9 +336,9 @@ def _expand_inputs(spec: str | Sequence[str]) -> list[str]:
   parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec)
   files = []
   for part in parts:
-    for pattern in _expand_braces(os.path.expanduser(part)):
-      matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-      files.extend(m for m in matched if os.path.isfile(m))
+    for pattern in _expand_braces(part):
+      matched = paths.glob(pattern) if paths.has_magic(pattern) else [paths.resolve(pattern)]
+      files.extend(m for m in matched if paths.isfile(m))
   if not files:
     raise FileNotFoundError(f"no input files match {spec!r}")
   return files
@@ -354,10 +353,10 @@ def ingest_webdataset(
 ) -> dict[str, Any]:
   """Tar shards (globs / ``{000..123}`` ranges / comma lists) -> one ArrayRecord shard per tar + manifest."""
   tars = _expand_inputs(tar_patterns)
-  stems = [os.path.splitext(os.path.basename(t))[0] for t in tars]
+  stems = [paths.stem(t) for t in tars]
   if len(set(stems)) != len(stems):  # same basename in different dirs: keep outputs distinct
     stems = [f"{i:05d}-{s}" for i, s in enumerate(stems)]
-  tasks = [ShardTask("webdataset", t, s + records.ARRAY_RECORD_SUFFIX, os.path.abspath(t))
+  tasks = [ShardTask("webdataset", t, s + records.ARRAY_RECORD_SUFFIX, paths.resolve(t))
            for t, s in zip(tars, stems)]
   return run_tasks(tasks, output_dir, num_workers=num_workers, options=options, extra={"kind": "webdataset"})
 
@@ -374,7 +373,8 @@ def read_captions_file(path: str) -> list[tuple[str, str | None, int | None]]:
     except (TypeError, ValueError):
       return None
 
-  with open(path, encoding="utf-8", errors="replace", newline="") as f:
+  # Decoded here rather than by open_file: epath's Path.open takes neither errors= nor newline= (csv needs the latter).
+  with io.TextIOWrapper(paths.open_file(path, "rb"), encoding="utf-8", errors="replace", newline="") as f:
     if path.endswith((".jsonl", ".json")):
       for n, line in enumerate(f):
         line = line.strip()
@@ -423,8 +423,8 @@ def ingest_image_folder(
   tasks = []
   for i in range(n):
     chunk = rows[i * records_per_shard: (i + 1) * records_per_shard]
-    tasks.append(ShardTask("folder", {"root": os.path.abspath(image_dir), "rows": chunk}, _shard_name(i, n),
-                           f"{os.path.abspath(captions_file)}[{i * records_per_shard}:"
+    tasks.append(ShardTask("folder", {"root": paths.resolve(image_dir), "rows": chunk}, _shard_name(i, n),
+                           f"{paths.resolve(captions_file)}[{i * records_per_shard}:"
                            f"{i * records_per_shard + len(chunk)}]"))
   return run_tasks(tasks, output_dir, num_workers=num_workers, options=options, extra={"kind": "folder"})
 

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
+from unitok_jax import paths
 from unitok_jax.data import embedded, records, sources, text_tokenizer, transforms
 
 NAMES = ("embedded", "array_record")
@@ -114,9 +115,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
 
 
 def resolve_data_dir(data_dir: str) -> str:
-  if data_dir:
-    return os.path.expanduser(data_dir)
-  return os.environ.get("UNITOK_DATA_DIR") or os.path.expanduser("~/.cache/unitok_jax/data")
+  return paths.resolve(data_dir or os.environ.get("UNITOK_DATA_DIR") or "~/.cache/unitok_jax/data")
 
 
 def _embedded_info(cfg) -> dict[str, Any]:
@@ -153,8 +152,10 @@ def class_names(cfg) -> list[str] | None:
   for spec in [cfg.eval_files, cfg.train_files, *[s["files"] for s in cfg.sources]]:
     for part in str(spec or "").split(","):
       part = part.strip()
-      path = os.path.join(part, sources.MANIFEST) if os.path.isdir(part) else part
-      if os.path.basename(path) == sources.MANIFEST and os.path.exists(path):
+      if not part:
+        continue
+      path = paths.join(part, sources.MANIFEST) if paths.isdir(part) else part
+      if paths.basename(path) == sources.MANIFEST and paths.exists(path):
         names = sources.read_manifest(path).get("class_names")
         if names:
           return list(names)
@@ -436,6 +437,42 @@ def restore_iterator(it: grain.DatasetIterator, state: Mapping[str, Any]) -> gra
   """Puts ``it`` (a fresh iterator of an identically configured loader) at ``state``; returns it."""
   it.set_state(dict(state))
   return it
+
+
+def local_next_index(it: grain.DatasetIterator) -> int:
+  """How many elements of this process's slice (``ds[p::P]``) the train iterator has consumed, bad ones included."""
+  state = it.get_state()
+  if "next_index" not in state:
+    raise ValueError("the data position is defined for loaders with config.data.worker_count=0 only (Grain's "
+                     f"multiprocess state has no single index: {sorted(state)})")
+  return int(state["next_index"])
+
+
+def global_position(local_next_indices: Sequence[int], global_batch_size: int) -> dict[str, Any]:
+  """The topology-free data position saved with each checkpoint, from every process's ``local_next_index``.
+
+  Process ``p`` of ``P`` reads global indices ``p, p + P, ...``; ``next_global_index`` is the smallest index any
+  process has not consumed yet, so every example before it has been trained on. Without skipped bad records all
+  processes have consumed the same count and it is exactly ``step * global_batch_size``; with skips a few
+  examples after it may be seen twice after a resume on another process count (never one skipped).
+  """
+  count = len(local_next_indices)
+  next_global = min(n * count + p for p, n in enumerate(local_next_indices))
+  return {"next_global_index": int(next_global), "process_count": count,
+          "local_next_indices": [int(n) for n in local_next_indices], "global_batch_size": int(global_batch_size)}
+
+
+def restore_global_position(it: grain.DatasetIterator, position: Mapping[str, Any], *,
+                            process_index: int | None = None, process_count: int | None = None) -> None:
+  """Puts a fresh train iterator of this process at ``position`` (from ``global_position``), whatever process count
+  wrote it: process ``p`` of ``P`` continues at the first index ``>= next_global_index`` of its slice ``p::P``."""
+  process_index, process_count = _process_index_and_count(process_index, process_count)
+  g = int(position["next_global_index"])
+  state = it.get_state()
+  if "next_index" not in state:
+    raise ValueError("resuming on another process count needs config.data.worker_count=0 (Grain's multiprocess "
+                     "iterator state is per worker)")
+  it.set_state({**state, "next_index": max(0, -(-(g - process_index) // process_count))})
 
 
 def grain_checkpoint_handler() -> grain.checkpoint.CheckpointHandler:

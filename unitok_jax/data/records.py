@@ -6,12 +6,13 @@ as found (JPEG/PNG/WEBP...), ``label`` is -1 when the source has no class. Decod
 """
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import msgpack
+
+from unitok_jax import paths as _paths  # not `paths`: the functions below take a `paths` argument
 
 RECORD_KEYS = ("id", "image", "caption", "label")
 # group_size:1 makes every record individually addressable: Grain's random access reads one record per lookup.
@@ -85,8 +86,8 @@ def write_array_record(path: str | os.PathLike, records: Iterable[Mapping[str, A
 
   The file is written to ``path + '.tmp'`` and renamed, so a reader never sees a half-written shard.
   """
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  path = _paths.require_local(path, "writing an ArrayRecord shard")
+  _paths.makedirs(_paths.parent(path))
   tmp = path + ".tmp"
   writer = _array_record_module().ArrayRecordWriter(tmp, ARRAY_RECORD_WRITER_OPTIONS)
   count = 0
@@ -96,7 +97,7 @@ def write_array_record(path: str | os.PathLike, records: Iterable[Mapping[str, A
       count += 1
   finally:
     writer.close()
-  os.replace(tmp, path)
+  _paths.rename(tmp, path)
   return count
 
 
@@ -107,13 +108,13 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
   files: list[str] = []
   for pattern in paths:
     pattern = os.fspath(pattern).strip()
-    if glob.has_magic(pattern):
-      matched = sorted(glob.glob(pattern))
+    if _paths.has_magic(pattern):
+      matched = _paths.glob(pattern)
       if not matched:
         raise FileNotFoundError(f"no files match {pattern!r}")
       files.extend(matched)
     else:
-      if not os.path.exists(pattern):
+      if not _paths.exists(pattern):
         raise FileNotFoundError(f"no such file {pattern!r}")
       files.append(pattern)
   if not files:
@@ -127,12 +128,18 @@ def read_array_records(paths: str | os.PathLike | Sequence[str | os.PathLike]):
   ``source[i]`` is the raw bytes of record ``i`` (pass them to ``decode_record``); ``len(source)`` is the total.
   """
   import grain  # pylint: disable=g-import-not-at-top
-  return grain.sources.ArrayRecordDataSource(expand_paths(paths))
+  files = [_local_shard(f) for f in expand_paths(paths)]
+  return grain.sources.ArrayRecordDataSource(files)
+
+
+def _local_shard(path: str) -> str:
+  """ArrayRecord's reader opens local files only (a gcsfuse mount counts as local); say so for gs:// shards."""
+  return _paths.require_local(path, "reading ArrayRecord shards")
 
 
 def iter_array_record(path: str | os.PathLike) -> Iterator[bytes]:
   """Sequentially yields the raw records of one file (for tools and tests; training uses the random-access source)."""
-  reader = _array_record_module().ArrayRecordReader(os.fspath(path))
+  reader = _array_record_module().ArrayRecordReader(_local_shard(os.fspath(path)))
   try:
     n = reader.num_records()
     for start in range(0, n, 256):
@@ -142,7 +149,7 @@ def iter_array_record(path: str | os.PathLike) -> Iterator[bytes]:
 
 
 def count_array_records(path: str | os.PathLike) -> int:
-  reader = _array_record_module().ArrayRecordReader(os.fspath(path))
+  reader = _array_record_module().ArrayRecordReader(_local_shard(os.fspath(path)))
   try:
     return int(reader.num_records())
   finally:

@@ -4,11 +4,11 @@ Only paths and numbers here: opening the files is ``records.read_array_records``
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from unitok_jax import paths
 from unitok_jax.data import records
 
 MANIFEST = "manifest.json"
@@ -16,14 +16,13 @@ MANIFEST = "manifest.json"
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
   """Loads a ``manifest.json`` written by ``ingest.py`` or ``embedded.py``."""
-  with open(os.fspath(path)) as f:
-    return json.load(f)
+  return paths.read_json(path)
 
 
 def manifest_files(path: str | os.PathLike, split: str = "train") -> list[str]:
   """The shard paths a manifest lists as complete and non-empty (``split`` applies to embedded manifests)."""
-  path = os.fspath(path)
-  root = os.path.dirname(os.path.abspath(path))
+  path = paths.resolve(path)
+  root = paths.parent(path)
   manifest = read_manifest(path)
   if "shards" in manifest:  # ingest manifest
     names = [s["output"] for s in manifest["shards"] if s.get("complete") and s.get("written", 0) > 0]
@@ -31,7 +30,7 @@ def manifest_files(path: str | os.PathLike, split: str = "train") -> list[str]:
     names = list(manifest[split])
   else:
     raise ValueError(f"{path} is neither an ingest manifest (no 'shards') nor has a {split!r} split")
-  return [n if os.path.isabs(n) else os.path.join(root, n) for n in names]
+  return [n if paths.is_url(n) or n.startswith("/") else paths.join(root, n) for n in names]
 
 
 def resolve_files(spec: str | os.PathLike | Sequence[str | os.PathLike], *, split: str = "train") -> list[str]:
@@ -45,14 +44,14 @@ def resolve_files(spec: str | os.PathLike | Sequence[str | os.PathLike], *, spli
     raise FileNotFoundError("empty file spec")
   files: list[str] = []
   for part in parts:
-    part = os.path.expanduser(part)
-    if os.path.isdir(part):
-      manifest = os.path.join(part, MANIFEST)
-      if os.path.exists(manifest):
+    part = paths.resolve(part) if not paths.has_magic(part) else part
+    if paths.isdir(part):
+      manifest = paths.join(part, MANIFEST)
+      if paths.exists(manifest):
         files.extend(manifest_files(manifest, split))
       else:
-        files.extend(records.expand_paths(os.path.join(part, "*" + records.ARRAY_RECORD_SUFFIX)))
-    elif os.path.basename(part) == MANIFEST and os.path.exists(part):
+        files.extend(records.expand_paths(paths.join(part, "*" + records.ARRAY_RECORD_SUFFIX)))
+    elif paths.basename(part) == MANIFEST and paths.exists(part):
       files.extend(manifest_files(part, split))
     else:
       files.extend(records.expand_paths(part))

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from unitok_jax import paths
 
 from unitok_jax.evals import concat_across_processes, gather_across_processes
 
@@ -276,7 +279,7 @@ def source_fingerprint(**description: Any) -> str:
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """sha256 hex of a file (the pytorch-fid weights are named after the first 8 hex digits: ...-6726825d.pth)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.open_file(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
@@ -292,12 +295,10 @@ class ReferenceStats:
     fingerprint: str = ""
 
     def save(self, path: str | os.PathLike) -> None:
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp.npz"  # atomic: a crash never leaves a half-written cache behind
-        np.savez(tmp, mu=np.asarray(self.mu, np.float64), sigma=np.asarray(self.sigma, np.float64),
+        buffer = io.BytesIO()
+        np.savez(buffer, mu=np.asarray(self.mu, np.float64), sigma=np.asarray(self.sigma, np.float64),
                  count=np.asarray(self.count, np.int64), fingerprint=np.asarray(self.fingerprint))
-        os.replace(tmp, path)
+        paths.write_bytes_atomic(path, buffer.getvalue())  # atomic: a crash never leaves a half-written cache
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, expected_fingerprint: str | None = None) -> "ReferenceStats":
@@ -307,9 +308,9 @@ class ReferenceStats:
         empty fingerprint; those cannot satisfy an `expected_fingerprint`.
         """
         path = os.fspath(path)
-        if not os.path.exists(path):
+        if not paths.exists(path):
             raise FileNotFoundError(f"reference statistics not found: {path}")
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as data:
             if "mu" not in data or "sigma" not in data:
                 raise ValueError(f"{path} has no 'mu'/'sigma' arrays (keys: {sorted(data.keys())})")
             stats = cls(
@@ -412,7 +413,7 @@ class FidEvaluator:
         elif inception_path is not None:
             self._forward = self._build_inception_forward(inception_path, resize_mode)
         self.reference: ReferenceStats | None = None
-        if self.available and self.reference_stats_path and os.path.exists(self.reference_stats_path):
+        if self.available and self.reference_stats_path and paths.exists(self.reference_stats_path):
             self.reference = ReferenceStats.load(self.reference_stats_path, expected_fingerprint=reference_fingerprint)
         self.reset()
 

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unitok_jax import paths
+
 import unitok_jax  # noqa: F401  (flax config)
 from unitok_jax.models import layers as L
 from unitok_jax.models.layers import partitioned, zeros, ones
@@ -463,9 +465,9 @@ def load_fid_inception(
     from unitok_jax.convert.torch_io import load_state_dict
 
     if isinstance(path_or_state_dict, (str, os.PathLike)) and os.fspath(path_or_state_dict).endswith(".npz"):
-        if not os.path.exists(path_or_state_dict):
+        if not paths.exists(path_or_state_dict):
             raise FileNotFoundError(f"InceptionV3 weights not found: {os.fspath(path_or_state_dict)}")
-        with np.load(path_or_state_dict, allow_pickle=False) as data:
+        with np.load(paths.local_copy(path_or_state_dict), allow_pickle=False) as data:
             path_or_state_dict = {k: data[k] for k in data.files}
     sd = load_state_dict(path_or_state_dict, subkeys=("state_dict",))
     _check_keys(sd, torch_key_map())  # fail fast, before building the model

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unitok_jax import paths
+
 from unitok_jax.models import layers
 from unitok_jax.parallel import logical_axes as ax
 
@@ -163,9 +165,9 @@ def lpips_loss(model: LPIPS, x0: jax.Array, x1: jax.Array) -> jax.Array:
 def _read_state_dict(path_or_state_dict) -> dict[str, np.ndarray]:
     if isinstance(path_or_state_dict, (str, os.PathLike)) and os.fspath(path_or_state_dict).endswith(".npz"):
         path = os.fspath(path_or_state_dict)
-        if not os.path.exists(path):
+        if not paths.exists(path):
             raise FileNotFoundError(f"LPIPS weights not found: {path}")
-        with np.load(path) as z:
+        with np.load(paths.local_copy(path)) as z:
             sd = {k: np.asarray(z[k]) for k in z.files}
     else:
         from unitok_jax.convert import torch_io

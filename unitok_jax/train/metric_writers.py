@@ -1,13 +1,16 @@
 """Metric and image writers: metrics.jsonl, TensorBoard events (tensorboardX, no TensorFlow), PNG grids, progress line.
 
 Only process 0 writes. An I/O error (full disk, read-only mount, ...) never stops training: it is logged once
-per writer and counted in `errors`, and writing is retried on the next call.
+per writer and counted in `errors`, and writing is retried on the next call. The workdir may be local or on an
+object store (`gs://`, see `unitok_jax.paths`): TensorBoard events are then written to a local staging directory
+and uploaded on every flush (tensorboardX appends to an open file, which object stores cannot do).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
-import os
 import sys
 import time
 from typing import Mapping
@@ -17,6 +20,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from unitok_jax import paths
+
 
 def _to_python(value):
     value = np.asarray(value)
@@ -24,20 +29,49 @@ def _to_python(value):
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool | None = None):
+    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool | None = None,
+                 resume_step: int | None = None):
+        """`resume_step`: the step a resumed run restarts from; rows of later steps (written by an attempt that was
+        killed before its next checkpoint, and about to be recomputed) are dropped from metrics.jsonl, so it keeps
+        one row per step."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.workdir = workdir
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self.workdir = paths.resolve(workdir)
+        self.jsonl_path = paths.join(self.workdir, "metrics.jsonl")
         self.errors = 0
         self._reported: set[str] = set()
         self._tb = None
+        self._tb_remote = self._tb_local = None
+        self._jsonl_cache: str | None = None  # object stores: the whole file (they cannot append)
+        if self.enabled and resume_step is not None:
+            self._guard("metrics.jsonl", self._drop_rows_after, int(resume_step))
         if self.enabled and tensorboard:
             self._guard("tensorboard", self._open_tensorboard)
 
     def _open_tensorboard(self):
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"), flush_secs=10)
+        target = paths.join(self.workdir, "tensorboard")
+        if paths.is_url(target):
+            self._tb_remote = target
+            self._tb_local = paths.makedirs(paths.join("~/.cache/unitok_jax/tensorboard",
+                                                       hashlib.sha256(target.encode()).hexdigest()[:16]))
+            target = self._tb_local
+        self._tb = SummaryWriter(target, flush_secs=10)
+
+    def _upload_tensorboard(self):
+        if self._tb_remote is None:
+            return
+        for name in paths.listdir(self._tb_local):
+            paths.write_bytes_atomic(paths.join(self._tb_remote, name), paths.read_bytes(paths.join(self._tb_local, name)))
+
+    def _drop_rows_after(self, step: int):
+        if not paths.exists(self.jsonl_path):
+            return
+        lines = paths.read_text(self.jsonl_path).splitlines(keepends=True)
+        kept = [line for line in lines if _row_step(line) <= step]
+        if len(kept) != len(lines):
+            paths.write_text_atomic(self.jsonl_path, "".join(kept))
+            logging.info("metrics.jsonl: dropped %d row(s) after step %d (recomputed on resume)", len(lines) - len(kept), step)
 
     def _guard(self, what: str, fn, *args):
         try:
@@ -58,8 +92,14 @@ class MetricWriter:
             self._guard("tensorboard", self._write_tb, step, record)
 
     def _append_jsonl(self, record):
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps(record, allow_nan=True) + "\n")
+        line = json.dumps(record, allow_nan=True) + "\n"
+        if not paths.is_url(self.jsonl_path):
+            paths.append_text(self.jsonl_path, line)
+            return
+        if self._jsonl_cache is None:
+            self._jsonl_cache = paths.read_text(self.jsonl_path) if paths.exists(self.jsonl_path) else ""
+        paths.write_text_atomic(self.jsonl_path, self._jsonl_cache + line)
+        self._jsonl_cache += line
 
     def _write_tb(self, step, record):
         for key, value in record.items():
@@ -70,16 +110,18 @@ class MetricWriter:
         """Save a PNG whose rows are [original | reconstruction] pairs; images NHWC in [-1, 1]."""
         if not self.enabled:
             return None
-        path = os.path.join(self.workdir, "images", f"{name}_step{int(step):07d}.png")
+        path = paths.join(self.workdir, "images", f"{name}_step{int(step):07d}.png")
         return self._guard("images", _save_pair_grid, path, originals, reconstructions)
 
     def flush(self):
         if self._tb is not None:
             self._guard("tensorboard", self._tb.flush)
+            self._guard("tensorboard", self._upload_tensorboard)
 
     def close(self):
         if self._tb is not None:
             self._guard("tensorboard", self._tb.close)
+            self._guard("tensorboard", self._upload_tensorboard)
             self._tb = None
 
 
@@ -98,9 +140,16 @@ def _save_pair_grid(path: str, originals: np.ndarray, reconstructions: np.ndarra
     for i in range(b):
         r, col = divmod(i, cols)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w2 + pad): pad + col * (w2 + pad) + w2] = pairs[i]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(grid).save(path)
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(grid).save(buffer, format="PNG")
+    return paths.write_bytes_atomic(path, buffer.getvalue())
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1  # a torn or foreign line: kept (never counted as a later step)
 
 
 class ProgressLine:
