@@ -78,6 +78,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     c.max_consecutive_nonfinite = 20
+    # Pod hygiene (launch/README.md): how long hosts wait for each other's async checkpoint writes; a device memory
+    # budget the compiled steps are checked against at start-up (0 = the device's own limit; CPU reports none);
+    # the hang watchdog (a step taking factor x the median step time, and at least min_timeout_s, ends the process
+    # with exit code 75 so the supervisor restarts it; start-up/compilation/evals get startup_timeout_s).
+    c.checkpoint_timeout_secs = 1200
+    c.device_memory_limit_gib = 0.0
+    c.watchdog = ml_collections.ConfigDict(dict(enabled=True, factor=20.0, min_timeout_s=600.0, startup_timeout_s=3600.0))
     c.resume_from = ""   # explicit checkpoint dir used when the workdir has none
     c.init_from = ""     # params-only initialisation (fine-tuning)
     c.global_batch_size = 32

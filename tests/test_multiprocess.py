@@ -1,6 +1,7 @@
 """Two `python -m unitok_jax.main` processes on CPU (4 fake devices each, gloo collectives, jax.distributed via
 --coordinator_address/--num_processes/--process_id) train, checkpoint (Orbax, multi-host), resume, and end with
-the same parameters as one process driving all 8 devices.
+the same parameters as one process driving all 8 devices; the same checkpoints also resume elastically on another
+process count (2 -> 1) and device count (8 -> 4).
 
 Why not bit-identical: each process reads its own interleaved share of the global example order
 (`pipeline.make_train_loader`: `ds[process_index::process_count]`), so the global batch holds the same 8 examples
@@ -10,6 +11,7 @@ agree to ~1e-6 (tolerance below). The GAN is off in this config because DiffAug 
 """
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -98,6 +100,7 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path):
     multi_dir = str(tmp_path / "multi")
     first = run_processes(multi_dir, data_dir, steps // 2, logs, tmp_path / "jax_cache")
     assert "started from scratch" in first[0]
+    shutil.copytree(multi_dir, tmp_path / "elastic")  # the 2-process checkpoint, resumed below by 1 process
     second = run_processes(multi_dir, data_dir, steps, logs, tmp_path / "jax_cache")
     assert f"resumed from {os.path.join(multi_dir, 'checkpoints')} at step {steps // 2}" in second[0]
     assert "[unitok_jax]" not in second[1]  # console output only from process 0
@@ -116,3 +119,38 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path):
     for k in got:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=2e-5, err_msg=k)
     print(f"max |param difference| after {steps} steps: {worst:.2e}")
+
+    # Elastic resume, 2 processes -> 1: the step-2 checkpoint written by two processes continues in this one process
+    # (8 devices): params and AdamW state are resharded, and the data stream continues at global example
+    # step * batch from the saved data position (Grain's per-process files are for 2 processes).
+    elastic = str(tmp_path / "elastic")
+    summary = trainer.train(config, elastic)
+    assert summary["start_step"] == steps // 2
+    _assert_continues_reference(elastic, ref_dir, ref_records, steps)
+
+    # Elastic resume, 8 devices -> 4: the reference's step-2 checkpoint continues in a process with 4 devices.
+    fewer = tmp_path / "fewer_devices"
+    shutil.copytree(ref_dir, fewer)
+    shutil.rmtree(fewer / "checkpoints" / str(steps))
+    env = _env(tmp_path / "jax_cache")
+    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(f"device_count={DEVICES_PER_PROCESS}", "device_count=4")
+    result = subprocess.run(
+        [sys.executable, "-m", "unitok_jax.main", f"--config={CONFIG}", f"--workdir={fewer}",
+         f"--config.data.data_dir={data_dir}", f"--config.total_steps={steps}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"at step {steps // 2}" in result.stdout
+    _assert_continues_reference(str(fewer), ref_dir, ref_records, steps)
+
+
+def _assert_continues_reference(workdir, ref_dir, ref_records, steps):
+    """The resumed run's logged losses after the resume point and its final params match the uninterrupted run's."""
+    records = {r["step"]: r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))}
+    assert sorted(records) == list(range(1, steps + 1))  # rows past the resume point were dropped, then rewritten
+    for ref in ref_records[steps // 2:]:
+        for key in ("train/loss/l2", "train/loss/vq", "train/loss/clip"):
+            assert records[ref["step"]][key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (ref["step"], key)
+    got, want = _final_params(workdir, steps), _final_params(ref_dir, steps)
+    assert got.keys() == want.keys()
+    for k in got:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=2e-5, err_msg=k)

@@ -29,6 +29,7 @@ Config: `config.eval` (all fields optional, defaults in `default_eval_config`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -42,6 +43,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from unitok_jax import paths
 from unitok_jax.evals import concat_across_processes, sum_across_processes
 from unitok_jax.evals.image_metrics import reconstruction_metrics, to_unit_range
 
@@ -127,44 +129,41 @@ def resolve_checkpoint(checkpoint: str | int | os.PathLike, workdir: str | None 
     if isinstance(checkpoint, int) or (isinstance(checkpoint, str) and checkpoint.isdigit()):
         if not workdir:
             raise ValueError(f"checkpoint={checkpoint!r} is a step number: also pass workdir (the run directory)")
-        path = os.path.join(_checkpoints_dir(workdir), str(int(checkpoint)))
-        if not os.path.isdir(os.path.join(path, "state")):
+        path = paths.join(_checkpoints_dir(workdir), str(int(checkpoint)))
+        if not paths.isdir(paths.join(path, "state")):
             raise FileNotFoundError(f"no checkpoint for step {checkpoint} in {_checkpoints_dir(workdir)} "
                                     f"(available: {_steps(_checkpoints_dir(workdir))})")
         return path
-    path = os.path.abspath(os.path.expanduser(os.fspath(checkpoint)))
-    if os.path.isfile(path):
+    path = paths.resolve(checkpoint)
+    if paths.isfile(path):
         return path
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
-    if os.path.isdir(os.path.join(path, "state")):
+    if paths.isdir(paths.join(path, "state")):
         return path
     ckpts = _checkpoints_dir(path)
     steps = _steps(ckpts)
     if not steps:
         raise FileNotFoundError(f"no checkpoint steps under {ckpts}")
-    return os.path.join(ckpts, str(steps[-1]))
+    return paths.join(ckpts, str(steps[-1]))
 
 
 def _checkpoints_dir(path: str) -> str:
-    sub = os.path.join(path, "checkpoints")
-    return sub if os.path.isdir(sub) else path
+    sub = paths.join(path, "checkpoints")
+    return sub if paths.isdir(sub) else path
 
 
 def _steps(directory: str) -> list[int]:
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(d) for d in os.listdir(directory)
-                  if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state")))
+    return sorted(int(d) for d in paths.listdir(directory)
+                  if d.isdigit() and paths.isdir(paths.join(directory, d, "state")))
 
 
 def checkpoint_config(step_dir: str) -> ml_collections.ConfigDict | None:
     """The training config saved next to a checkpoint (None when absent)."""
-    path = os.path.join(step_dir, "config", "metadata")
-    if not os.path.exists(path):
+    path = paths.join(step_dir, "config", "metadata")
+    if not paths.exists(path):
         return None
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(paths.read_json(path))
 
 
 def _model_config_of(config) -> tuple[str, Any]:
@@ -207,7 +206,7 @@ def restore_params(step_dir: str, abstract_params, sharding=None):
     item = {"params": target}
     args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True)
-    restored = ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, "state"), args=args)
+    restored = ocp.PyTreeCheckpointer().restore(paths.join(step_dir, "state"), args=args)
     return restored["params"]
 
 
@@ -223,7 +222,7 @@ def load_model_from_checkpoint(config: ml_collections.ConfigDict | None, checkpo
     args / tensor shapes, or `config.model` for .npz). The step is None then.
     """
     path = resolve_checkpoint(checkpoint, workdir)
-    if os.path.isfile(path):
+    if paths.isfile(path):
         return _load_official(config, path), None
     saved = checkpoint_config(path)
     source = saved if saved is not None and "model" in saved else config
@@ -237,20 +236,20 @@ def load_model_from_checkpoint(config: ml_collections.ConfigDict | None, checkpo
     graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
     params = restore_params(path, abs_params)
     rest = _concrete_rest(model_name, model_cfg, abs_rest)
-    return nnx.merge(graphdef, params, rest), int(os.path.basename(os.path.normpath(path)))
+    return nnx.merge(graphdef, params, rest), int(paths.basename(path))
 
 
 def _load_official(config, path: str):
     from unitok_jax.convert.official import load_unitok
 
     if path.endswith(".npz"):
-        with np.load(path) as z:
+        with np.load(paths.local_copy(path)) as z:
             sd = {k: np.asarray(z[k]) for k in z.files}
         if any(k.startswith("param/") for k in sd):
             sd = {k[len("param/"):]: v for k, v in sd.items() if k.startswith("param/")}
         model_cfg = config.model.to_dict() if config is not None and "model" in config else None
         return load_unitok(sd, model_cfg)
-    return load_unitok(path)
+    return load_unitok(paths.local_copy(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,7 +294,7 @@ def create_demo_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, t
     """
     from unitok_jax.train import checkpointing, trainer
 
-    ckpts = os.path.join(workdir, "checkpoints")
+    ckpts = paths.join(workdir, "checkpoints")
     if train_steps in _steps(ckpts):
         return workdir
     if train_steps > 0:
@@ -593,9 +592,8 @@ class _ZeroShot:
 # Zero-shot set-up
 # ----------------------------------------------------------------------------------------------------------------
 def _read_list(spec: str, sep: str) -> list[str]:
-    if os.path.isfile(os.path.expanduser(spec)):
-        with open(os.path.expanduser(spec), encoding="utf-8") as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
+    if paths.isfile(spec):
+        return [line for line in paths.read_text(spec).splitlines() if line.strip()]
     return [s.strip() for s in spec.split(sep) if s.strip()]
 
 
@@ -672,23 +670,23 @@ def _fid_evaluator(config, ec, data_files: Sequence[str], num_batches: int, batc
     path = str(fc.inception_path or "")
     if not path:
         return None, fid.SKIP_NO_WEIGHTS
-    if not os.path.exists(os.path.expanduser(path)):
+    if not paths.exists(path):
         return None, f"InceptionV3 weights {path!r} do not exist (eval.fid.inception_path)"
     fingerprint = fid.source_fingerprint(
-        files=[os.path.basename(f) for f in data_files], image_size=int(config.data.image_size),
+        files=[paths.basename(f) for f in data_files], image_size=int(config.data.image_size),
         num_batches=num_batches, batch_size=batch_size, resize_mode=fc.resize_mode)
-    ref_path = os.path.expanduser(str(fc.reference_stats or "")) or None
+    ref_path = paths.resolve(fc.reference_stats) if fc.reference_stats else None
     expected = fingerprint
-    if ref_path and os.path.exists(ref_path):
-        with np.load(ref_path, allow_pickle=False) as z:
+    if ref_path and paths.exists(ref_path):
+        with np.load(paths.local_copy(ref_path), allow_pickle=False) as z:
             if "fingerprint" not in z or not str(z["fingerprint"]):
                 expected = None  # external statistics (pytorch-fid / ADM .npz): used as given
-    key = (os.path.abspath(os.path.expanduser(path)), fc.resize_mode, ref_path, expected, bool(fc.compute_is),
+    key = (paths.resolve(path), fc.resize_mode, ref_path, expected, bool(fc.compute_is),
            int(fc.is_splits))
     ev = _FID_CACHE.get(key)
     if ev is None:
         try:
-            ev = fid.FidEvaluator(os.path.expanduser(path), ref_path, resize_mode=fc.resize_mode,
+            ev = fid.FidEvaluator(paths.local_copy(path), ref_path, resize_mode=fc.resize_mode,
                                   compute_is=bool(fc.compute_is), is_splits=int(fc.is_splits),
                                   reference_fingerprint=expected)
         except ValueError as e:  # stale cache (fingerprint mismatch), bad file
@@ -705,13 +703,13 @@ def _lpips_state(config, ec, mesh):
     path = str(ec.recon.lpips_path or "") or str(config.get("loss", {}).get("lpips_path", "") or "")
     if not path:
         return None, None, "no LPIPS weights: set eval.recon.lpips_path (or loss.lpips_path) to lpips_with_vgg.pth"
-    if not os.path.exists(os.path.expanduser(path)):
+    if not paths.exists(path):
         return None, None, f"LPIPS weights {path!r} do not exist"
-    key = ("lpips", os.path.abspath(os.path.expanduser(path)))
+    key = ("lpips", paths.resolve(path))
     if key not in _FID_CACHE:
         from unitok_jax.models.lpips import load_lpips
 
-        _FID_CACHE[key] = nnx.split(load_lpips(os.path.expanduser(path)))
+        _FID_CACHE[key] = nnx.split(load_lpips(paths.local_copy(path)))
     graphdef, state = _FID_CACHE[key]
     if mesh is not None:
         state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -841,7 +839,7 @@ def run_evals(config: ml_collections.ConfigDict, model, names: str | Sequence[st
             from unitok_jax.train.metric_writers import _save_pair_grid
 
             suffix = f"_step{int(step):07d}" if step is not None else ""
-            path = _save_pair_grid(os.path.join(output_dir, f"recon_grid{suffix}.png"), recon.grid[0], recon.grid[1])
+            path = _save_pair_grid(paths.join(output_dir, f"recon_grid{suffix}.png"), recon.grid[0], recon.grid[1])
         else:
             path = None
         if path:
@@ -881,11 +879,21 @@ def maybe_run_periodic_evals(config: ml_collections.ConfigDict, step: int, param
     returns the report. Failures are logged and reported as `<name>/skipped`, never raised."""
     if not evals_due(config, step):
         return None
+    # Multi-host: every host must enter the same eval collectives, or the others hang in them. The inputs each host
+    # sees (files, weights) are compared first and the evals are skipped on all hosts unless they agree; afterwards
+    # a failure on any host counts for all (the same report and metrics everywhere).
+    disagreement = _hosts_disagree(_local_eval_inputs(config))
+    if disagreement:
+        logging.error("periodic evals at step %d skipped on every host: %s", step, disagreement)
+        return {"skipped": disagreement}
     try:
         report = run_evals(config, (graphdef, params, model_rest), names, step=step, writer=writer, strict=False)
+        failed = ""
     except Exception as e:  # noqa: BLE001 - e.g. no eval split configured: training goes on
         logging.exception("periodic evals at step %d failed", step)
-        return {"skipped": f"error: {type(e).__name__}: {e}"}
+        report, failed = None, f"error: {type(e).__name__}: {e}"
+    if _any_host(bool(failed)):
+        return {"skipped": failed or "error on another host (see its log)"}
     scalars = {f"eval/{k}": v for k, v in report.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("meta/")}
     scalars["eval/seconds"] = report.get("meta/seconds", 0.0)
@@ -897,6 +905,51 @@ def maybe_run_periodic_evals(config: ml_collections.ConfigDict, step: int, param
             if k.endswith("skipped"):
                 logging.info("eval %s: %s", k, v)
     return report
+
+
+def _local_eval_inputs(config) -> str:
+    """What this host sees of the periodic evals' inputs: eval files and weight files (their existence)."""
+    from unitok_jax.data import pipeline
+
+    ec = eval_config(config)
+    seen = []
+    for what, data in (("eval data", _data_config_for(config)),
+                       ("zero-shot data", _data_config_for(config, ec.zeroshot.data_files) if ec.zeroshot.data_files else None)):
+        if data is None:
+            continue
+        try:
+            files = pipeline.eval_files(data)
+            seen.append(f"{what}: {len(files)} file(s), missing {[f for f in files if not paths.exists(f)][:3]}")
+        except Exception as e:  # noqa: BLE001 - reported as this host's view
+            seen.append(f"{what}: {type(e).__name__}: {e}")
+    for what, path in (("LPIPS weights", ec.recon.lpips_path or config.get("loss", {}).get("lpips_path", "")),
+                       ("InceptionV3 weights", ec.fid.inception_path), ("FID reference stats", ec.fid.reference_stats)):
+        if path:
+            seen.append(f"{what} {path}: {'present' if paths.exists(path) else 'missing'}")
+    return "; ".join(seen)
+
+
+def _hosts_disagree(local_view: str) -> str:
+    """'' when every process sees the same eval inputs, else a message naming a host that differs."""
+    if jax.process_count() == 1:
+        return ""
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(local_view.encode()).digest()[:8], np.int64)
+    everyone = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
+    if np.all(everyone == everyone[0]):
+        return ""
+    odd = int(np.nonzero(everyone != everyone[0])[0][0])
+    return (f"the hosts see different eval inputs (process {odd} differs from process 0; this process sees: "
+            f"{local_view}); make the eval files and weights readable on every host")
+
+
+def _any_host(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 SUMMARY_KEYS = ("recon/psnr", "recon/ssim", "recon/lpips", "recon/usage", "recon/perplexity", "fid/rfid",
@@ -919,9 +972,4 @@ def write_report(report: Mapping[str, Any], path: str) -> None:
     """Write the report as JSON (process 0 only, atomically; NaN/inf as the JSON extensions NaN/Infinity)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(report), f, indent=2, sort_keys=True, allow_nan=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    paths.write_text_atomic(path, json.dumps(dict(report), indent=2, sort_keys=True, allow_nan=True) + "\n")

@@ -14,11 +14,15 @@ Damage policy (`Checkpointer.restore_latest_good`):
   checkpoints lands here too). Move the directory away to really start over. Only uncommitted saves (the very
   first save was killed) are moved aside and the run starts from scratch: nothing had been committed yet.
 - Not detected: bit flips inside array files (OCDBT stores no checksums); they restore as wrong values.
+
+Save failures (read-only or full disk, permission, a vanished bucket) raise `CheckpointSaveError` naming the newest
+committed step, from `save` (directories are created synchronously, so a read-only directory fails there instead of
+leaving the main thread waiting on Orbax's background signal for 20 minutes) or from `wait`/`close` (the async
+write of the array files failed). Directories may be local or object-store URLs (`gs://`, see `unitok_jax.paths`).
 """
 from __future__ import annotations
 
-import json
-import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -28,9 +32,15 @@ from etils import epath
 
 import grain
 
+from unitok_jax import paths
+
 
 class RestoreError(RuntimeError):
     pass
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the message names the directory, the cause and the newest good step."""
 
 
 # Orbax writes this file last, right before the atomic rename (local disks) or as the commit (GCS).
@@ -79,15 +89,23 @@ _ARRAY_SAVING_MULTI_HOST: bool | None = None
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` with items 'state', 'data' (Grain iterator) and 'config'."""
 
-    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False):
-        """`read_only`: another run's directory (`resume_from`): nothing there is cleaned up, moved or written."""
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False,
+                 timeout_secs: int = 1200):
+        """`read_only`: another run's directory (`resume_from`): nothing there is cleaned up, moved or written.
+        `timeout_secs`: how long hosts wait for each other to finish an async save before it counts as failed."""
+        self.directory = paths.resolve(directory)
         self.read_only = read_only
         configure_array_saving()
         # cleanup_tmp_directories: a save killed half-way leaves '<step>.orbax-checkpoint-tmp*'; drop it on open.
+        # create_directories_asynchronously=False: Orbax's default creates the step directory in a background
+        # thread, and when that fails (read-only file system) the main thread waits for its signal until the
+        # timeout (measured: a hang of >= 4 min at the first save). Synchronously, `save` raises at once.
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                create=not read_only, read_only=read_only,
-                                               cleanup_tmp_directories=not read_only)
+                                               cleanup_tmp_directories=not read_only,
+                                               async_options=ocp.options.AsyncOptions(
+                                                   timeout_secs=int(timeout_secs),
+                                                   create_directories_asynchronously=False))
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
@@ -95,6 +113,7 @@ class Checkpointer:
                 "state": ocp.StandardCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(),
+                "data_position": ocp.JsonCheckpointHandler(),
             },
         )
 
@@ -104,20 +123,66 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iterator=None, config: dict | None = None, *, force: bool = False) -> bool:
+    def save(self, step: int, state, data_iterator=None, config: dict | None = None, *, force: bool = False,
+             data_position: dict | None = None) -> bool:
+        """Starts saving `step` (async by default). `data_position`: the topology-free data position (see
+        `trainer._data_position`), stored as its own JSON item so a run can resume on another process count."""
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if data_position is not None:
+            items["data_position"] = ocp.args.JsonSave(data_position)
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # noqa: BLE001 — Orbax/TensorStore/OS errors of every kind end the same way
+            raise self._save_error(f"saving step {step}", e) from e
+
+    def _save_error(self, what: str, e: Exception) -> CheckpointSaveError:
+        try:
+            committed = [s for s in self.step_dirs() if self.is_committed(s)]
+        except Exception:  # noqa: BLE001 — the directory may be unreadable too
+            committed = []
+        newest = (f"the newest committed checkpoint is step {committed[-1]} in {self.directory}; rerun after fixing "
+                  f"the cause to resume from it" if committed else f"no checkpoint has been committed in {self.directory} yet")
+        return CheckpointSaveError(f"{what} failed ({type(e).__name__}: {_short(e)}). Check that the directory is "
+                                   f"writable and has free space; {newest}.")
 
     def restore(self, step: int, abstract_state, data_iterator=None):
+        """The state at `step`; `data_iterator` is put at the saved data position.
+
+        When the checkpoint was written by another number of processes, Grain's per-process iterator files do not
+        match this run's; the iterator is then placed from the topology-free `data_position` item instead
+        (`pipeline.restore_global_position`). Params and optimizer state always restore onto `abstract_state`'s
+        shardings, whatever mesh wrote them.
+        """
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
+        saved_processes = self.saved_process_count(step)
+        elastic = data_iterator is not None and saved_processes not in (None, jax.process_count())
+        if data_iterator is not None and not elastic:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        if elastic:
+            if not (paths.path(self.directory) / str(step) / "data_position").exists():
+                raise RestoreError(f"step {step} was saved by {saved_processes} process(es) and has no data_position "
+                                   f"item (written by an older version), so it cannot resume on {jax.process_count()}")
+            items["data_position"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if elastic:
+            from unitok_jax.data import pipeline
+
+            position = dict(restored["data_position"])
+            pipeline.restore_global_position(data_iterator, position)
+            logging.warning("step %d was saved by %d process(es); this run has %d: params and optimizer state were "
+                            "resharded and the data stream continues at global example %d", step, saved_processes,
+                            jax.process_count(), int(position["next_global_index"]))
         return restored["state"]
+
+    def saved_process_count(self, step: int) -> int | None:
+        """Number of processes that wrote `step`'s data item (from Grain's `process_<i>-of-<n>.json` names)."""
+        names = paths.listdir(paths.join(self.directory, str(step), "data"))
+        counts = {int(m.group(1)) for m in (re.match(r"process_\d+-of-(\d+)\.json$", n) for n in names) if m}
+        return counts.pop() if len(counts) == 1 else None
 
     def step_dirs(self) -> list[int]:
         """Steps Orbax lists plus any other all-digit directory (so nothing damaged is silently ignored)."""
@@ -194,16 +259,20 @@ class Checkpointer:
         self.manager.reload()
 
     def restore_config(self, step: int) -> dict:
-        path = os.path.join(self.directory, str(step), "config", "metadata")
-        with open(path) as f:
-            return json.load(f)
+        return paths.read_json(paths.join(self.directory, str(step), "config", "metadata"))
 
     def wait(self):
-        self.manager.wait_until_finished()
+        """Blocks until pending async saves are committed; CheckpointSaveError if one failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error("an asynchronous checkpoint save", e) from e
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def _path_names(path) -> tuple[str, ...]:
@@ -213,14 +282,14 @@ def _path_names(path) -> tuple[str, ...]:
 
 
 def _checkpoint_step_dir(path: str) -> str:
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    if not os.path.isdir(os.path.join(path, "state")):
-        steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+    path = paths.resolve(path)
+    if paths.isdir(paths.join(path, "checkpoints")):
+        path = paths.join(path, "checkpoints")
+    if not paths.isdir(paths.join(path, "state")):
+        steps = sorted(int(d) for d in paths.listdir(path) if d.isdigit())
         if not steps:
             raise RestoreError(f"{path!r}: no checkpoint steps found (expected <run>/checkpoints/<step>/state)")
-        path = os.path.join(path, str(steps[-1]))
+        path = paths.join(path, str(steps[-1]))
     return path
 
 
@@ -234,7 +303,7 @@ def restore_params_only(path: str, abstract_params=None) -> Any:
     differences). Without it, the saved tree (plain dicts) comes back on the first local device. Nothing but
     `params` is read.
     """
-    state_dir = os.path.join(_checkpoint_step_dir(path), "state")
+    state_dir = paths.join(_checkpoint_step_dir(path), "state")
     with ocp.PyTreeCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(state_dir)
         tree = getattr(metadata, "item_metadata", metadata)

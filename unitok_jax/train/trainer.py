@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import signal
 import time
 from typing import Any
@@ -20,10 +19,11 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from unitok_jax import config_lib
+from unitok_jax import config_lib, paths
 from unitok_jax.evals import runner as eval_runner
 from unitok_jax.parallel import sharding as shd
 from unitok_jax.train import checkpointing, flops, full_batch_accum, grad_accum, metric_writers, optimizers, perf
+from unitok_jax.train import watchdog as watchdog_lib
 from unitok_jax.train import step as step_lib
 from unitok_jax.train.state import TrainState, initial_counters
 from unitok_jax.train.validation import validate_config
@@ -31,6 +31,14 @@ from unitok_jax.train.validation import validate_config
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class WorkdirError(OSError):
+    """The workdir cannot hold this run (not writable); raised before anything is compiled."""
+
+
+class StepMemoryError(RuntimeError):
+    """A compiled train step needs more device memory than the device has; raised before step 1."""
 
 
 @dataclasses.dataclass
@@ -334,9 +342,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from unitok_jax.data import pipeline
 
     validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.resolve(workdir)
+    checkpoint_dir = paths.join(workdir, "checkpoints")
+    _check_workdir(workdir, checkpoint_dir)  # seconds, before any compile
     timers = perf.TimeBuckets()
     components = build_components(config)
+    _warn_if_low_space(checkpoint_dir, components, int(config.keep_checkpoints))
     flops_meter = flops.FlopsMeter(config, jax.devices())  # perf/tflops_per_device, perf/mfu
     mesh = components.mesh
     max_nonfinite = int(config.max_consecutive_nonfinite)
@@ -344,24 +355,34 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     loader = pipeline.make_train_loader(config.data, global_batch_size=config.global_batch_size, seed=config.seed)
     data_iter = iter(loader)
-    writer = metric_writers.MetricWriter(workdir)
-    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
-                                              async_save=config.async_checkpointing)
+    checkpointer = checkpointing.Checkpointer(checkpoint_dir, max_to_keep=config.keep_checkpoints,
+                                              async_save=config.async_checkpointing,
+                                              timeout_secs=int(config.get("checkpoint_timeout_secs", 1200)))
+    writer = None
     abstract = checkpointing.abstract_with_shardings(components.abstract_state, components.state_shardings)
     # Installed before restore and compilation: a preemption notice during them still ends in a checkpoint.
     stop = _StopSignal()
     stop.install()
+    watchdog = _make_watchdog(config)
     first_metrics = last_metrics = None
     start_step = step = 0
     origin = "not started"
     try:
         with timers("restore"):
             state, start_step, origin = _restore_or_init(config, components, checkpointer, abstract, data_iter)
+        # Rows of steps after the resumed one were written by an attempt killed before its next checkpoint.
+        writer = metric_writers.MetricWriter(workdir, resume_step=start_step if start_step else None)
         frozen = components.init_frozen()
         _console(f"{origin}; training steps {start_step} → {config.total_steps}")
 
-        batch_sh = None
-        steps = None
+        steps = first_local = None
+        if start_step < config.total_steps:
+            # Every step variant the run will use is compiled now, so an out-of-memory or compile error of the GAN
+            # step shows in the first minutes instead of at loss.gan_start (hours into a pod run).
+            with timers("compile"):
+                first_local = next(data_iter)
+                steps = compile_train_steps(components, config, state, frozen, _model_batch(first_local, mesh),
+                                            start_step)
         progress = metric_writers.ProgressLine(config.total_steps, start_step)
         preview = _preview_batch(config, mesh)
         reconstruct = jax.jit(functools.partial(_reconstruct, graphdef=components.ctx.model_graphdef))
@@ -371,14 +392,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         step = start_step
         while step < config.total_steps:
             with timers("data_wait"):
-                local = next(data_iter)
+                local, first_local = (first_local, None) if first_local is not None else (next(data_iter), None)
             skipped_total += int(np.sum(local.get("num_skipped", 0)))
-            batch = shd.to_global_batch({k: v for k, v in local.items() if k in ("image", "text", "label")}, mesh)
-            if steps is None:
-                batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-                steps = jit_train_steps(components, batch_sh)
+            batch = _model_batch(local, mesh)
             gan_active = components.ctx.disc_graphdef is not None and step >= components.ctx.gan_start_step
-            bucket = "compile_and_step" if window_steps == 0 and step == start_step else "step"
+            bucket = "first_step" if window_steps == 0 and step == start_step else "step"
             with timers(bucket):
                 state, metrics = steps[gan_active](state, frozen, batch)
             step += 1
@@ -391,6 +409,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 _console(f"stopping: {error}")
                 raise error
             pending_counter = metrics["train/consecutive_nonfinite"]  # metrics are not donated; the state is
+            if watchdog is not None:
+                watchdog.pet()  # step - 1 is done (the counter read above waited for it)
 
             # Also the first step of every invocation: the starting losses (and a resume's) are on record.
             if step % config.log_every_steps == 0 or step == config.total_steps or step == start_step + 1:
@@ -415,6 +435,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                         multihost_utils.process_allgather(rec, tiled=True))
 
             with timers("eval"):  # cheap no-op unless config.eval.every_steps says so; collective when due
+                if watchdog is not None and eval_runner.evals_due(config, step):
+                    watchdog.long_phase(f"periodic evals at step {step}")
                 eval_runner.maybe_run_periodic_evals(config, step, state.params, frozen["model_rest"],
                                                      components.ctx.model_graphdef, writer)
 
@@ -432,8 +454,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                     "after the next finite step", step, streak)
                 else:
                     with timers("checkpoint"):
-                        checkpointer.save(step, state, data_iter, _config_json(config), force=preempted)
+                        checkpointer.save(step, state, data_iter, _config_json(config), force=preempted,
+                                          data_position=_data_position(data_iter, config))
             if preempted:
+                if watchdog is not None:
+                    watchdog.long_phase(f"the preemption checkpoint of step {step}")
                 with timers("checkpoint"):
                     checkpointer.wait()
                 last = checkpointer.latest_step()
@@ -443,13 +468,136 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if checkpoint_due:
             _console(f"warning: the run ended inside a run of non-finite steps, so step {step} was not checkpointed; "
                      f"the newest checkpoint is step {checkpointer.latest_step()}")
+        if watchdog is not None:
+            watchdog.long_phase("the final checkpoint save")
+        checkpointer.close()  # waits for the last async save: a failure there is a CheckpointSaveError
+    except checkpointing.CheckpointSaveError as e:
+        _console(f"stopping at step {step}: {e}")
+        raise
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         stop.uninstall()
-        checkpointer.close()
-        writer.flush()
-        writer.close()
+        _close_quietly(checkpointer)
+        if writer is not None:
+            writer.flush()
+            writer.close()
     return {"start_step": start_step, "final_step": step, "origin": origin, "first": first_metrics, "last": last_metrics,
-            "timers": timers.as_metrics(), "writer_errors": writer.errors}
+            "timers": timers.as_metrics(), "writer_errors": writer.errors if writer is not None else 0}
+
+
+def _close_quietly(checkpointer) -> None:
+    """Close after an error without masking it (a failed async save would raise again here)."""
+    try:
+        checkpointer.manager.close()
+    except Exception as e:  # noqa: BLE001
+        logging.warning("closing the checkpoint manager: %s: %s", type(e).__name__, e)
+
+
+def _check_workdir(workdir: str, checkpoint_dir: str) -> None:
+    """The workdir and its checkpoints directory must be writable: checked in seconds, before any compile."""
+    for where in (workdir, checkpoint_dir):
+        if paths.exists(where) and not paths.isdir(where):
+            raise WorkdirError(f"--workdir: {where} exists and is not a directory")
+        try:
+            paths.check_writable(where)
+        except OSError as e:
+            raise WorkdirError(f"--workdir: {e}. Point --workdir at a writable directory (local, NFS or gs://) "
+                               "or fix its permissions/mount; nothing has been trained or written.") from e
+
+
+def _warn_if_low_space(checkpoint_dir: str, components: Components, keep: int) -> None:
+    free = paths.free_bytes(checkpoint_dir)
+    if free is None:  # object store
+        return
+    state_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(components.abstract_state))
+    need = (keep + 1) * state_bytes  # keep_checkpoints plus the one being written
+    if free < need:
+        logging.warning("low disk space: %.2f GiB free in %s, but %d checkpoints of %.2f GiB need %.2f GiB; "
+                        "a save will fail when the disk fills (the run then stops naming the last good step)",
+                        free / 2**30, checkpoint_dir, keep + 1, state_bytes / 2**30, need / 2**30)
+        _console(f"warning: only {free / 2**30:.2f} GiB free for checkpoints in {checkpoint_dir} "
+                 f"(need about {need / 2**30:.2f} GiB)")
+
+
+def _model_batch(local: dict, mesh) -> dict:
+    """The per-process numpy batch as global arrays, with only the keys the step reads."""
+    return shd.to_global_batch({k: v for k, v in local.items() if k in ("image", "text", "label")}, mesh)
+
+
+def _data_position(data_iter, config) -> dict | None:
+    """The topology-free data position (collective: every process calls it at the same step). None with Grain
+    worker processes, whose state is per worker: such a run resumes only on the same process count."""
+    from unitok_jax.data import pipeline
+
+    try:
+        local = pipeline.local_next_index(data_iter)
+    except ValueError:
+        return None
+    if jax.process_count() > 1:
+        everyone = [int(n) for n in np.ravel(multihost_utils.process_allgather(np.asarray(local, np.int64)))]
+    else:
+        everyone = [local]
+    return pipeline.global_position(everyone, int(config.global_batch_size))
+
+
+def _make_watchdog(config):
+    cfg = config.get("watchdog", None)
+    if cfg is None or not cfg.get("enabled", True):
+        return None
+    return watchdog_lib.Watchdog(factor=float(cfg.get("factor", 20.0)),
+                                 min_timeout_s=float(cfg.get("min_timeout_s", 600.0)),
+                                 startup_timeout_s=float(cfg.get("startup_timeout_s", 3600.0))).start()
+
+
+def _step_variants(components: Components, start_step: int, total_steps: int) -> list[bool]:
+    """The GAN on/off variants this invocation will run (both when it crosses loss.gan_start)."""
+    if components.ctx.disc_graphdef is None:
+        return [False]
+    gan_start = components.ctx.gan_start_step
+    return sorted({start_step >= gan_start, total_steps - 1 >= gan_start})  # gan_active is monotone in the step
+
+
+def compile_train_steps(components: Components, config, state, frozen, batch, start_step: int) -> dict[bool, Any]:
+    """Compiles every step variant the run will use now (logged), checks its memory against the device's, and returns
+    the compiled executables keyed by gan_active. Raises StepMemoryError naming the config levers when a step
+    cannot fit."""
+    jitted = jit_train_steps(components, jax.tree.map(lambda x: x.sharding, batch))
+    compiled = {}
+    for gan_active in _step_variants(components, start_step, int(config.total_steps)):
+        name = "GAN step" if gan_active else "step without GAN"
+        t0 = time.time()
+        compiled[gan_active] = jitted[gan_active].lower(state, frozen, batch).compile()
+        seconds = time.time() - t0
+        need, limit = _step_memory(compiled[gan_active])
+        if config.get("device_memory_limit_gib"):  # plan for a smaller budget (headroom, another chip) or on CPU
+            limit = int(float(config.device_memory_limit_gib) * 2**30)
+        fits = f" of {limit / 2**30:.2f} GiB" if limit else ""
+        _console(f"compiled the {name} in {seconds:.1f} s"
+                 + (f": {need / 2**30:.2f} GiB/device{fits}" if need is not None else ""))
+        if need is not None and limit and need > limit:
+            raise StepMemoryError(
+                f"the {name} needs {need / 2**30:.2f} GiB per device but the device has {limit / 2**30:.2f} GiB. "
+                f"Levers: --config.grad_accum_steps (now {components.grad_accum_steps}; more micro-batches = less "
+                f"activation memory), --config.model.remat=full, a smaller --config.global_batch_size, or more "
+                f"devices / a wider --config.mesh.fsdp (params and AdamW state are sharded over it).")
+    return compiled
+
+
+def _step_memory(compiled) -> tuple[int | None, int | None]:
+    """(bytes the step needs per device, bytes the device has); either may be unknown (None)."""
+    need = limit = None
+    try:
+        m = compiled.memory_analysis()
+        need = int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 — not every backend reports it
+        pass
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+        limit = int(stats["bytes_limit"]) if "bytes_limit" in stats else None
+    except Exception:  # noqa: BLE001 — CPU has no memory stats
+        pass
+    return need, limit
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict:

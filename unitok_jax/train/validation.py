@@ -17,7 +17,8 @@ _DATA_PARALLEL_AXES = ("data", "fsdp")
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None, process_count: int | None = None) -> None:
     num_devices = jax.device_count() if num_devices is None else num_devices
     process_count = jax.process_count() if process_count is None else process_count
-    for name in ("total_steps", "ckpt_every_steps", "log_every_steps", "image_every_steps", "global_batch_size"):
+    for name in ("total_steps", "ckpt_every_steps", "log_every_steps", "image_every_steps", "global_batch_size",
+                 "keep_checkpoints", "max_consecutive_nonfinite"):
         check(int(config[name]) > 0, name, f"must be a positive integer, got {config[name]}", f"set --config.{name} to a value > 0")
 
     try:

@@ -1,0 +1,104 @@
+"""Fail in the first minutes, not hours in: an unwritable workdir, a full disk during a save, the GAN step's compile
+and memory check at start-up, and the entry point's exit codes (launch/supervise.sh restarts on some, not others)."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from train_helpers import micro_config
+from unitok_jax import main as entry
+from unitok_jax.train import checkpointing, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_PY = os.path.join(REPO, "tests", "reliability_config.py")
+
+
+def _mount(args, target):
+    try:
+        subprocess.run(["mount", *args, str(target)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot mount here (needs root): {e}")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A real read-only file system (a read-only bind mount): chmod does not stop root, who runs CI."""
+    src, dst = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    dst.mkdir()
+    _mount(["--bind", str(src)], dst)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(dst)], check=True, capture_output=True)
+        yield dst
+    finally:
+        subprocess.run(["umount", str(dst)], check=False, capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 7 MiB tmpfs: room for the micro model's first checkpoint, not for the second."""
+    dst = tmp_path / "small"
+    dst.mkdir()
+    _mount(["-t", "tmpfs", "-o", "size=7m", "tmpfs"], dst)
+    try:
+        yield dst
+    finally:
+        subprocess.run(["umount", str(dst)], check=False, capture_output=True)
+
+
+def test_should_initialize_distributed():
+    assert entry.should_initialize_distributed(None, None, {}, tpu_chips=4)  # any Cloud TPU VM: JAX auto-detects
+    assert not entry.should_initialize_distributed(None, None, {}, tpu_chips=0)  # laptop / single GPU host
+    assert entry.should_initialize_distributed(None, None, {"SLURM_NTASKS": "4"}, tpu_chips=0)
+    assert not entry.should_initialize_distributed(None, None, {"SLURM_NTASKS": "1"}, tpu_chips=0)
+    assert entry.should_initialize_distributed(None, 2, {}, tpu_chips=0)
+    assert entry.should_initialize_distributed(None, None, {"TPU_WORKER_HOSTNAMES": "a,b"}, tpu_chips=0)
+    assert not entry.should_initialize_distributed(False, 2, {"SLURM_NTASKS": "4"}, tpu_chips=4)  # the flag wins
+    assert entry.should_initialize_distributed(True, None, {}, tpu_chips=0)
+
+
+def test_read_only_workdir_exits_in_seconds_with_a_clear_message(read_only_dir, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    t0 = time.time()
+    result = subprocess.run(
+        [sys.executable, "-m", "unitok_jax.main", f"--config={CONFIG_PY}:gan", f"--workdir={read_only_dir}/run",
+         f"--config.data.data_dir={tmp_path}/data"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    seconds = time.time() - t0
+    assert result.returncode == entry.EXIT_CODES["WorkdirError"], result.stderr[-3000:]
+    assert "is not writable" in result.stderr and "Read-only file system" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "compiled" not in result.stdout  # nothing was compiled
+    assert seconds < 120, seconds  # the interpreter and JAX import dominate; no model is even built
+
+
+def test_full_disk_during_a_save_stops_naming_the_last_good_step(small_disk, tmp_path):
+    config = micro_config(tmp_path, gan=False, steps=8)
+    config.async_checkpointing = True
+    config.image_every_steps = 1000
+    with pytest.raises(checkpointing.CheckpointSaveError) as info:
+        trainer.train(config, str(small_disk / "run"))
+    message = str(info.value)
+    assert "newest committed checkpoint is step" in message, message
+    last_good = int(message.split("newest committed checkpoint is step ")[1].split()[0])
+    committed = sorted(int(d) for d in os.listdir(small_disk / "run" / "checkpoints") if d.isdigit())
+    assert last_good in committed and last_good < 8
+
+
+def test_every_step_variant_compiles_before_step_one_and_memory_is_checked(tmp_path, capfd):
+    config = micro_config(tmp_path, gan=True, steps=2)
+    config.loss.gan_start = 1.5  # step index 1 is the first GAN step: both variants are needed
+    config.device_memory_limit_gib = 1e-4  # a budget no step fits: refused before any step runs
+    with pytest.raises(trainer.StepMemoryError, match="grad_accum_steps") as info:
+        trainer.train(config, str(tmp_path / "run"))
+    assert "GiB per device but the device has" in str(info.value)
+    out = capfd.readouterr().out
+    assert "compiled the step without GAN" in out and "step 1/" not in out
+
+    config.device_memory_limit_gib = 0.0
+    summary = trainer.train(config, str(tmp_path / "run2"))
+    out = capfd.readouterr().out
+    assert summary["final_step"] == 2
+    assert out.index("compiled the GAN step") < out.index("step 1/2")  # the GAN step compiled at start-up
