@@ -94,7 +94,9 @@ def test_check_writable_reports_a_read_only_file_system(read_only_dir):
 def test_storage_emulator_host_configures_tensorstore(monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:4443")
     monkeypatch.delenv("TENSORSTORE_GCS_HTTP_URL", raising=False)
-    monkeypatch.delenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", raising=False)
+    for name in ("GOOGLE_AUTH_TOKEN_FOR_TESTING", "FSSPEC_GCS_TOKEN", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "NO_GCE_CHECK"):
+        monkeypatch.delenv(name, raising=False)
     paths.configure_storage_emulator()
     assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == "http://127.0.0.1:4443"
-    assert os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"]
+    assert os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] and os.environ["FSSPEC_GCS_TOKEN"] == "anon"
+    assert os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] == "false"

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -35,18 +36,40 @@ _MAGIC = re.compile(r"[*?\[]")
 
 
 def configure_storage_emulator() -> None:
-    """Points TensorStore at ``STORAGE_EMULATOR_HOST`` (when set) with a fixed test token instead of credentials."""
+    """With ``STORAGE_EMULATOR_HOST`` set, points every GCS client at the emulator without credentials.
+
+    TensorStore ignores that variable and reads ``TENSORSTORE_GCS_HTTP_URL`` (+ a fixed test token instead of the
+    credential search). gcsfs honours it, but would still try real credentials first (``FSSPEC_GCS_TOKEN=anon``,
+    read when fsspec is imported) and, from 2026.x, ask a gRPC API that emulators lack for each bucket's layout,
+    hanging 60 s per call (``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``, read when gcsfs is imported). Values the
+    user set win. Runs at import of this module, before any of those clients is imported by the package.
+    """
     host = os.environ.get("STORAGE_EMULATOR_HOST")
     if not host:
         return
     if not _URL.match(host):
         host = "http://" + host
     os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host.rstrip("/"))
-    # TensorStore's documented way to skip the credential search (metadata server, gcloud files) in tests.
     os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    os.environ.setdefault("FSSPEC_GCS_TOKEN", "anon")
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    os.environ.setdefault("NO_GCE_CHECK", "true")
+
+
+def disable_gcs_listing_cache() -> None:
+    """gcsfs caches directory listings forever, but Orbax writes checkpoints through TensorStore, behind gcsfs' back:
+    a cached listing would not show a newly committed step (seen in tests/test_gcs_workdir.py). Listings are rare
+    here (start-up, step directories), so they are always read fresh. A user's own setting wins."""
+    for protocol in ("gs", "gcs"):
+        os.environ.setdefault(f"FSSPEC_{protocol.upper()}_USE_LISTINGS_CACHE", "false")
+    if "fsspec.config" in sys.modules:  # fsspec reads its environment once, at import
+        conf = sys.modules["fsspec.config"].conf
+        for protocol in ("gs", "gcs"):
+            conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
 
 
 configure_storage_emulator()
+disable_gcs_listing_cache()
 
 
 def is_url(p: PathLike) -> bool:
@@ -180,7 +203,8 @@ def rmtree(p: PathLike) -> None:
 
 
 def glob(pattern: PathLike) -> list[str]:
-    """Sorted matches of a glob (``*``, ``?``, ``[...]``; ``**`` recursive), local or on an object store."""
+    """Sorted matches of a glob (``*``, ``?``, ``[...]``), local or on an object store (``**`` recurses locally
+    only: epath refuses it on gs://)."""
     s = resolve(pattern)
     if not is_url(s):
         return sorted(_glob.glob(s, recursive=True))
