@@ -383,6 +383,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 first_local = next(data_iter)
                 steps = compile_train_steps(components, config, state, frozen, _model_batch(first_local, mesh),
                                             start_step)
+                # Hosts finish compiling at different times (one hits the compilation cache, another compiles for
+                # minutes); the first step's collectives must not start until all have, or the early host's
+                # collective times out (gloo: 30 s) and the run fails on every restart.
+                _wait_for_every_host(f"unitok_jax_compiled_{start_step}", _startup_timeout_s(config))
         progress = metric_writers.ProgressLine(config.total_steps, start_step)
         preview = _preview_batch(config, mesh)
         reconstruct = jax.jit(functools.partial(_reconstruct, graphdef=components.ctx.model_graphdef))
@@ -392,7 +396,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         step = start_step
         while step < config.total_steps:
             with timers("data_wait"):
-                local, first_local = (first_local, None) if first_local is not None else (next(data_iter), None)
+                local = first_local if first_local is not None else next(data_iter)
+                first_local = None
             skipped_total += int(np.sum(local.get("num_skipped", 0)))
             batch = _model_batch(local, mesh)
             gan_active = components.ctx.disc_graphdef is not None and step >= components.ctx.gan_start_step
@@ -409,8 +414,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 _console(f"stopping: {error}")
                 raise error
             pending_counter = metrics["train/consecutive_nonfinite"]  # metrics are not donated; the state is
-            if watchdog is not None:
-                watchdog.pet()  # step - 1 is done (the counter read above waited for it)
+            watchdog.pet()  # step - 1 is done (the counter read above waited for it)
 
             # Also the first step of every invocation: the starting losses (and a resume's) are on record.
             if step % config.log_every_steps == 0 or step == config.total_steps or step == start_step + 1:
@@ -435,7 +439,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                         multihost_utils.process_allgather(rec, tiled=True))
 
             with timers("eval"):  # cheap no-op unless config.eval.every_steps says so; collective when due
-                if watchdog is not None and eval_runner.evals_due(config, step):
+                if eval_runner.evals_due(config, step):
                     watchdog.long_phase(f"periodic evals at step {step}")
                 eval_runner.maybe_run_periodic_evals(config, step, state.params, frozen["model_rest"],
                                                      components.ctx.model_graphdef, writer)
@@ -457,8 +461,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         checkpointer.save(step, state, data_iter, _config_json(config), force=preempted,
                                           data_position=_data_position(data_iter, config))
             if preempted:
-                if watchdog is not None:
-                    watchdog.long_phase(f"the preemption checkpoint of step {step}")
+                watchdog.long_phase(f"the preemption checkpoint of step {step}")
                 with timers("checkpoint"):
                     checkpointer.wait()
                 last = checkpointer.latest_step()
@@ -468,15 +471,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if checkpoint_due:
             _console(f"warning: the run ended inside a run of non-finite steps, so step {step} was not checkpointed; "
                      f"the newest checkpoint is step {checkpointer.latest_step()}")
-        if watchdog is not None:
-            watchdog.long_phase("the final checkpoint save")
+        watchdog.long_phase("the final checkpoint save")
         checkpointer.close()  # waits for the last async save: a failure there is a CheckpointSaveError
     except checkpointing.CheckpointSaveError as e:
         _console(f"stopping at step {step}: {e}")
         raise
     finally:
-        if watchdog is not None:
-            watchdog.stop()
+        watchdog.stop()
         stop.uninstall()
         _close_quietly(checkpointer)
         if writer is not None:
@@ -541,13 +542,28 @@ def _data_position(data_iter, config) -> dict | None:
     return pipeline.global_position(everyone, int(config.global_batch_size))
 
 
-def _make_watchdog(config):
-    cfg = config.get("watchdog", None)
-    if cfg is None or not cfg.get("enabled", True):
-        return None
-    return watchdog_lib.Watchdog(factor=float(cfg.get("factor", 20.0)),
-                                 min_timeout_s=float(cfg.get("min_timeout_s", 600.0)),
-                                 startup_timeout_s=float(cfg.get("startup_timeout_s", 3600.0))).start()
+def _startup_timeout_s(config) -> float:
+    return float((config.get("watchdog", None) or {}).get("startup_timeout_s", 3600.0))
+
+
+def _wait_for_every_host(name: str, timeout_s: float) -> None:
+    """A barrier on the jax.distributed coordination service (not a device collective, so no collective timeout)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client JAX itself (and Orbax) use for barriers; no public wrapper yet
+
+    client = distributed.global_state.client
+    if client is None:  # several processes without jax.distributed: nothing to wait on
+        return
+    client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
+def _make_watchdog(config) -> watchdog_lib.Watchdog:
+    """The hang watchdog; with `watchdog.enabled=False` it is never started (its methods are then no-ops)."""
+    cfg = config.get("watchdog", None) or {}
+    dog = watchdog_lib.Watchdog(factor=float(cfg.get("factor", 20.0)), min_timeout_s=float(cfg.get("min_timeout_s", 600.0)),
+                                startup_timeout_s=_startup_timeout_s(config))
+    return dog.start() if cfg.get("enabled", True) else dog
 
 
 def _step_variants(components: Components, start_step: int, total_steps: int) -> list[bool]:
