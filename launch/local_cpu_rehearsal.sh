@@ -15,7 +15,8 @@
 # `kill -9` one of the two python processes; the other is stopped, and after RESTART_DELAY_S both start again and
 # resume. SIGTERM (or Ctrl-C) to this script: both processes checkpoint at the same step and exit 0, no restart.
 # Logs: $LOGDIR/p<i>.log, appended per attempt (process 0 also on the console).
-# tests/test_multiprocess.py runs this layout and checks it ends with the same params as one 8-device process.
+# tests/test_multiprocess.py runs this script (with a kill, a preemption and a rerun) and checks it ends with the
+# same losses and params as one 8-device process.
 #
 # Environment:
 #   NPROC (2), DEVICES (4)             processes, fake CPU devices per process

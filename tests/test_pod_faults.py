@@ -38,7 +38,7 @@ def read_only_dir(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 7 MiB tmpfs: room for the micro model's first checkpoint, not for the second."""
+    """A 7 MiB tmpfs: room for the micro model's first checkpoint (5.2 MiB with the GAN), not for the second."""
     dst = tmp_path / "small"
     dst.mkdir()
     _mount(["-t", "tmpfs", "-o", "size=7m", "tmpfs"], dst)
@@ -74,8 +74,15 @@ def test_read_only_workdir_exits_in_seconds_with_a_clear_message(read_only_dir, 
     assert seconds < 120, seconds  # the interpreter and JAX import dominate; no model is even built
 
 
+def _config(tmp_path):
+    """tests/test_trainer.py's config exactly (GAN from step 2 of 4): its compiled steps come from the shared cache."""
+    config = micro_config(tmp_path, gan=True, steps=4)
+    config.loss.gan_start = 2.0
+    return config
+
+
 def test_full_disk_during_a_save_stops_naming_the_last_good_step(small_disk, tmp_path):
-    config = micro_config(tmp_path, gan=False, steps=8)
+    config = _config(tmp_path)
     config.async_checkpointing = True
     config.image_every_steps = 1000
     with pytest.raises(checkpointing.CheckpointSaveError) as info:
@@ -84,12 +91,11 @@ def test_full_disk_during_a_save_stops_naming_the_last_good_step(small_disk, tmp
     assert "newest committed checkpoint is step" in message, message
     last_good = int(message.split("newest committed checkpoint is step ")[1].split()[0])
     committed = sorted(int(d) for d in os.listdir(small_disk / "run" / "checkpoints") if d.isdigit())
-    assert last_good in committed and last_good < 8
+    assert last_good in committed and last_good < 4
 
 
 def test_every_step_variant_compiles_before_step_one_and_memory_is_checked(tmp_path, capfd):
-    config = micro_config(tmp_path, gan=True, steps=2)
-    config.loss.gan_start = 1.5  # step index 1 is the first GAN step: both variants are needed
+    config = _config(tmp_path)  # steps 0-1 without the GAN, 2-3 with it: both variants are needed
     config.device_memory_limit_gib = 1e-4  # a budget no step fits: refused before any step runs
     with pytest.raises(trainer.StepMemoryError, match="grad_accum_steps") as info:
         trainer.train(config, str(tmp_path / "run"))
@@ -100,5 +106,5 @@ def test_every_step_variant_compiles_before_step_one_and_memory_is_checked(tmp_p
     config.device_memory_limit_gib = 0.0
     summary = trainer.train(config, str(tmp_path / "run2"))
     out = capfd.readouterr().out
-    assert summary["final_step"] == 2
-    assert out.index("compiled the GAN step") < out.index("step 1/2")  # the GAN step compiled at start-up
+    assert summary["final_step"] == 4
+    assert out.index("compiled the GAN step") < out.index("step 1/4")  # the GAN step compiled at start-up
