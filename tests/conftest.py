@@ -29,6 +29,7 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -38,3 +39,20 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
     return FIXTURES
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A real read-only file system (a read-only bind mount): chmod does not stop root, who runs CI."""
+    src, dst = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    dst.mkdir()
+    try:
+        subprocess.run(["mount", "--bind", str(src), str(dst)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot bind-mount here (needs root): {e}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(dst)], check=True, capture_output=True)
+        yield dst
+    finally:
+        subprocess.run(["umount", str(dst)], check=False, capture_output=True)

@@ -3,7 +3,6 @@ package touches paths with os.path / open / glob (they mistake gs://bucket/run f
 import ast
 import os
 import pathlib
-import subprocess
 
 import pytest
 
@@ -68,22 +67,6 @@ def test_check_writable_fails_for_a_path_below_a_file(tmp_path):
     paths.check_writable(tmp_path / "new" / "run")  # created, probed, probe removed
     assert paths.listdir(tmp_path / "new" / "run") == []
 
-
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A real read-only file system (a read-only bind mount): chmod does not stop root, who runs CI."""
-    src, dst = tmp_path / "src", tmp_path / "ro"
-    src.mkdir()
-    dst.mkdir()
-    try:
-        subprocess.run(["mount", "--bind", str(src), str(dst)], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"cannot bind-mount here (needs root): {e}")
-    try:
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(dst)], check=True, capture_output=True)
-        yield dst
-    finally:
-        subprocess.run(["umount", str(dst)], check=False, capture_output=True)
 
 
 def test_check_writable_reports_a_read_only_file_system(read_only_dir):

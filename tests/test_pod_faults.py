@@ -22,19 +22,6 @@ def _mount(args, target):
         pytest.skip(f"cannot mount here (needs root): {e}")
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A real read-only file system (a read-only bind mount): chmod does not stop root, who runs CI."""
-    src, dst = tmp_path / "src", tmp_path / "ro"
-    src.mkdir()
-    dst.mkdir()
-    _mount(["--bind", str(src)], dst)
-    try:
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(dst)], check=True, capture_output=True)
-        yield dst
-    finally:
-        subprocess.run(["umount", str(dst)], check=False, capture_output=True)
-
 
 @pytest.fixture
 def small_disk(tmp_path):
