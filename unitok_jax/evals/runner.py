@@ -44,7 +44,7 @@ from absl import logging
 from flax import nnx
 
 from unitok_jax import paths
-from unitok_jax.evals import concat_across_processes, sum_across_processes
+from unitok_jax.evals import concat_across_processes, gather_across_processes, sum_across_processes
 from unitok_jax.evals.image_metrics import reconstruction_metrics, to_unit_range
 
 EVAL_NAMES = ("recon", "fid", "zeroshot")
@@ -933,10 +933,9 @@ def _hosts_disagree(local_view: str) -> str:
     """'' when every process sees the same eval inputs, else a message naming a host that differs."""
     if jax.process_count() == 1:
         return ""
-    from jax.experimental import multihost_utils
-
-    digest = np.frombuffer(hashlib.sha256(local_view.encode()).digest()[:8], np.int64)
-    everyone = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
+    # 6 bytes of the digest: gather_across_processes is exact for integers below 2**48 (jax arrays are 32-bit here).
+    digest = np.int64(int.from_bytes(hashlib.sha256(local_view.encode()).digest()[:6], "little"))
+    everyone = gather_across_processes(digest).reshape(-1)
     if np.all(everyone == everyone[0]):
         return ""
     odd = int(np.nonzero(everyone != everyone[0])[0][0])
@@ -945,11 +944,7 @@ def _hosts_disagree(local_view: str) -> str:
 
 
 def _any_host(flag: bool) -> bool:
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+    return bool(sum_across_processes(np.int32(flag)) > 0)
 
 
 SUMMARY_KEYS = ("recon/psnr", "recon/ssim", "recon/lpips", "recon/usage", "recon/perplexity", "fid/rfid",
