@@ -39,9 +39,11 @@ for a in "$@"; do
 done
 if [[ "$rank" == '$SLURM_PROCID' || "$rank" == -1 ]]; then rank=${SLURM_PROCID:-0}; fi
 attempt=${SUPERVISE_ATTEMPT:-0}
+# Args and env first, each written whole (tmp + rename: on the fake TPU pod two workers share a rank), then the
+# start line the tests wait for, so a test that saw the start never reads a half-written file.
+printf '%s\n' "$@" > "$FAKE_OUT/args_${attempt}_${rank}.txt.$$" && mv "$FAKE_OUT/args_${attempt}_${rank}.txt.$$" "$FAKE_OUT/args_${attempt}_${rank}.txt"
+env > "$FAKE_OUT/env_${attempt}_${rank}.txt.$$" && mv "$FAKE_OUT/env_${attempt}_${rank}.txt.$$" "$FAKE_OUT/env_${attempt}_${rank}.txt"
 printf 'attempt=%s rank=%s pid=%s coord=%s\n' "$attempt" "$rank" "$$" "$coord" >> "$FAKE_OUT/starts.txt"
-printf '%s\n' "$@" > "$FAKE_OUT/args_${attempt}_${rank}.txt"
-env > "$FAKE_OUT/env_${attempt}_${rank}.txt"
 case "$FAKE_BEHAVIOR" in
   ok) sleep 0.3; exit 0 ;;
   crash_rank1_once)   # attempt 1: rank 1 crashes, rank 0 is stuck (ignores SIGTERM, like a process in a collective)
