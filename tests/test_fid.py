@@ -7,7 +7,7 @@ import unitok_jax  # noqa: F401
 from unitok_jax import evals
 from unitok_jax.evals import fid
 
-sl = pytest.importorskip("scipy.linalg")  # test-only reference
+sl = pytest.importorskip("scipy.linalg")  # reference: what pytorch-fid calls
 
 
 def _cov(rng, d, n, jitter=0.0):
@@ -55,7 +55,7 @@ def test_sqrtm_matches_scipy_product(n1, n2, jitter):
 def test_sqrtm_edge_cases():
     np.testing.assert_allclose(fid.sqrtm(np.diag([4.0, 9.0, 0.0])), np.diag([2.0, 3.0, 0.0]))
     np.testing.assert_array_equal(fid.sqrtm(np.zeros((3, 3))), np.zeros((3, 3)))
-    # A defective (non-diagonalisable) matrix: the eig path is inaccurate -> Denman-Beavers fallback.
+    # A defective (non-diagonalisable) matrix: no eigendecomposition, scipy's Schur method still works.
     jordan = np.array([[4.0, 1.0], [0.0, 4.0]])
     got = fid.sqrtm(jordan)
     np.testing.assert_allclose(got, sl.sqrtm(jordan), atol=1e-10)
