@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from unitok_jax.data import embedded, text_tokenizer
-from unitok_jax.evals import runner
+from unitok_jax.load import load_tokenizer
+from unitok_jax.train.checkpointing import checkpoint_config
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -32,10 +33,10 @@ def main() -> None:
     parser.add_argument("--num_images", type=int, default=300)
     args = parser.parse_args()
 
-    config = runner.checkpoint_config(args.checkpoint)
+    config = checkpoint_config(args.checkpoint)
     if config is None or config.data.name != "embedded":
         raise SystemExit(f"{args.checkpoint}: needs a checkpoint with a saved config trained on the embedded dataset")
-    model, step = runner.load_model_from_checkpoint(config, args.checkpoint)
+    model, step = load_tokenizer(args.checkpoint, config)
     tokenizer = text_tokenizer.build_tokenizer(config.data.tokenizer, context_length=int(config.data.context_length),
                                                bpe_path=config.data.get("bpe_path") or None)
     seed, size = int(config.data.embedded.get("seed", 0)), int(config.data.image_size)

@@ -99,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="data_parallel"))
 
     c.data = default_data_config()
-    from unitok_jax.evals.runner import default_eval_config
+    from unitok_jax.evals.config import default_eval_config
 
     c.eval = default_eval_config()  # evals inside training: every_steps (0 = off), names, fid/zeroshot paths
     c.loss = ml_collections.ConfigDict(dict(

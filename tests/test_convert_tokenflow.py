@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 import unitok_jax  # noqa: F401
-from unitok_jax.convert.tokenflow import CODEBOOK_USED_LEN, load_tokenflow, to_official_state_dict
-from unitok_jax.models.tokenflow import load_teacher, random_tokenflow
+from unitok_jax.convert.tokenflow import CODEBOOK_USED_LEN, load_teacher, load_tokenflow, to_official_state_dict
+from unitok_jax.models.tokenflow import random_tokenflow
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -14,7 +14,12 @@ import jax
 import ml_collections
 
 from train_helpers import ROOT, micro_config
-from unitok_jax.evals import runner
+from unitok_jax import demo
+from unitok_jax.evals import config as eval_config_lib
+from unitok_jax.evals import eval_networks, runner, zeroshot_setup
+from unitok_jax.load import load_tokenizer
+from unitok_jax.train import checkpointing
+from unitok_jax.train.periodic_evals import run_periodic_evals
 
 NUM_EVAL = 16
 
@@ -27,13 +32,13 @@ def _copy(config):
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval_run")
     config = micro_config(tmp, gan=False, steps=2)
-    config.eval = runner.default_eval_config()
+    config.eval = eval_config_lib.default_eval_config()
     config.eval.grid_images = 8
     workdir = str(tmp / "run")
     # A real trainer-format checkpoint (TrainState with optimizer state, config, via the trainer's Checkpointer).
     # Freshly initialised: running train steps here would cost minutes of compilation on 2 CPU cores
     # (test_trainer covers training; benchmarks/eval_tiny.sh evaluates a trained run).
-    runner.create_demo_checkpoint(config, workdir, train_steps=0)
+    demo.create_demo_checkpoint(config, workdir, train_steps=0)
     return config, workdir
 
 
@@ -42,7 +47,7 @@ def report(trained, tmp_path_factory, fixtures_dir):
     config, workdir = trained
     config = _copy(config)
     config.eval.recon.lpips_path = str(fixtures_dir / "lpips_random.npz")  # random VGG weights: plumbing only
-    model, step = runner.load_model_from_checkpoint(config, workdir)
+    model, step = load_tokenizer(workdir, config)
     assert step == 0
     out_dir = str(tmp_path_factory.mktemp("eval_out"))
     return runner.run_evals(config, model, "recon,fid,zeroshot", step=step, output_dir=out_dir)
@@ -102,15 +107,15 @@ def test_periodic_hook_in_trainer_layout(trained, report, tmp_path):
     config.total_steps = 3
     components = trainer.build_components(config)
     assert components.mesh.size == jax.device_count() == 8
-    params = runner.restore_params(runner.resolve_checkpoint(workdir), components.abstract_state.params,
-                                   components.state_shardings.params)
+    params = checkpointing.restore_params_only(workdir, checkpointing.abstract_with_shardings(
+        components.abstract_state.params, components.state_shardings.params))
     rest = components.init_frozen()["model_rest"]
     writer = MetricWriter(str(tmp_path), tensorboard=False)
     graphdef = components.ctx.model_graphdef
-    assert runner.maybe_run_periodic_evals(config, 1, params, rest, graphdef, writer) is None  # not due: no work
-    assert not runner.evals_due(config, 1)
-    got = runner.maybe_run_periodic_evals(config, 2, params, rest, graphdef, writer)
-    assert runner.evals_due(config, 3)  # at_end: the last step too
+    assert run_periodic_evals(config, 1, params, rest, graphdef, writer) is None  # not due: no work
+    assert not eval_config_lib.evals_due(config, 1)
+    got = run_periodic_evals(config, 2, params, rest, graphdef, writer)
+    assert eval_config_lib.evals_due(config, 3)  # at_end: the last step too
     writer.close()
     assert "fid/skipped" not in got  # not requested
     for key in ("recon/psnr", "recon/ssim", "recon/usage", "zeroshot/top1"):
@@ -144,8 +149,8 @@ def test_fid_with_stub_features_caches_reference_stats(trained, tmp_path, monkey
         return fid.FidEvaluator(None, ec.fid.reference_stats or None, feature_fn=features, feature_dim=8,
                                 is_splits=2), None
 
-    monkeypatch.setattr(runner, "_fid_evaluator", stub)
-    model, _ = runner.load_model_from_checkpoint(config, workdir)
+    monkeypatch.setattr(eval_networks, "fid_evaluator", stub)
+    model, _ = load_tokenizer(workdir, config)
     first = runner.run_evals(config, model, "fid")
     assert first["fid/rfid"] > 0 and first["fid/num_images"] == NUM_EVAL and first["fid/num_reference"] == NUM_EVAL
     assert math.isfinite(first["fid/inception_score"])
@@ -159,8 +164,8 @@ def test_missing_weights_and_unknown_evals_say_why(trained, tmp_path):
     config = _copy(config)
     config.eval.fid.inception_path = str(tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="unknown eval"):
-        runner.parse_names("recon,bleu")
-    ev, why = runner._fid_evaluator(config, runner.eval_config(config), [], 0, 16)
+        eval_config_lib.parse_names("recon,bleu")
+    ev, why = eval_networks.fid_evaluator(config, eval_config_lib.eval_config(config), [], 0, 16)
     assert ev is None and "do not exist" in why
 
 
@@ -168,34 +173,34 @@ def test_eval_config_tolerates_missing_and_partial_fields(trained):
     config, _ = trained
     bare = _copy(config)
     del bare["eval"]
-    ec = runner.eval_config(bare)
+    ec = eval_config_lib.eval_config(bare)
     assert ec.every_steps == 0 and ec.fid.inception_path == "" and ec.zeroshot.retrieval_max == 5000
-    assert not runner.evals_due(bare, 100)
+    assert not eval_config_lib.evals_due(bare, 100)
     bare.eval = {"every_steps": 5, "fid": {"inception_path": "/x.pth"}}
-    ec = runner.eval_config(bare)
+    ec = eval_config_lib.eval_config(bare)
     assert ec.every_steps == 5 and ec.fid.inception_path == "/x.pth" and ec.fid.resize_mode == "pytorch_fid"
-    assert runner.parse_names(None) == ["recon", "fid", "zeroshot"]
-    assert runner.zero_shot_templates(bare)[0] == "a {}."  # embedded prompts
+    assert eval_config_lib.parse_names(None) == ["recon", "fid", "zeroshot"]
+    assert zeroshot_setup.zero_shot_templates(bare)[0] == "a {}."  # embedded prompts
     bare.eval = {"zeroshot": {"class_names": "imagenet"}}
-    names = runner.zero_shot_class_names(bare)
-    assert len(names) == 1000 and len(runner.zero_shot_templates(bare, None, names)) == 80
+    names = zeroshot_setup.zero_shot_class_names(bare)
+    assert len(names) == 1000 and len(zeroshot_setup.zero_shot_templates(bare, None, names)) == 80
 
 
 def test_checkpoint_resolution(trained, tmp_path, fixtures_dir):
     config, workdir = trained
     step_dir = os.path.join(workdir, "checkpoints", "0")
-    assert runner.resolve_checkpoint(workdir) == step_dir
-    assert runner.resolve_checkpoint(os.path.join(workdir, "checkpoints")) == step_dir
-    assert runner.resolve_checkpoint(0, workdir) == step_dir
+    assert checkpointing.resolve_checkpoint(workdir) == step_dir
+    assert checkpointing.resolve_checkpoint(os.path.join(workdir, "checkpoints")) == step_dir
+    assert checkpointing.resolve_checkpoint(0, workdir) == step_dir
     with pytest.raises(ValueError, match="workdir"):
-        runner.resolve_checkpoint("2")
+        checkpointing.resolve_checkpoint("2")
     with pytest.raises(FileNotFoundError, match="step 7"):
-        runner.resolve_checkpoint(7, workdir)
+        checkpointing.resolve_checkpoint(7, workdir)
     with pytest.raises(FileNotFoundError):
-        runner.resolve_checkpoint(str(tmp_path / "nope"))
+        checkpointing.resolve_checkpoint(str(tmp_path / "nope"))
     # Official weights through the converter (the parity fixture holds official-format keys under param/).
     meta = json.loads((fixtures_dir / "unitok_tiny.json").read_text())
     official_cfg = _copy(config)
     official_cfg.model = meta["model_config"]
-    model, step = runner.load_model_from_checkpoint(official_cfg, str(fixtures_dir / "unitok_tiny.npz"))
+    model, step = load_tokenizer(str(fixtures_dir / "unitok_tiny.npz"), official_cfg)
     assert step is None and model.config.quantizer.num_codebooks == meta["model_config"]["quantizer"]["num_codebooks"]

@@ -13,15 +13,17 @@ import jax
 from train_helpers import ROOT, micro_config
 from unitok_jax import export_codes
 from unitok_jax.data import pipeline, records
+from unitok_jax.demo import create_demo_checkpoint
 from unitok_jax.evals import runner
+from unitok_jax.load import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("codes")
     config = micro_config(tmp, gan=False)
-    workdir = runner.create_demo_checkpoint(config, str(tmp / "run"))
-    model, step = runner.load_model_from_checkpoint(config, workdir)
+    workdir = create_demo_checkpoint(config, str(tmp / "run"))
+    model, step = load_tokenizer(workdir, config)
     return config, workdir, model
 
 
@@ -93,10 +95,10 @@ import jax
 pid, n, port, workdir, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=n, process_id=pid)
 from unitok_jax import evaluate, export_codes
-from unitok_jax.evals import runner
+from unitok_jax.load import load_run
 report = evaluate.evaluate(None, workdir, evals="recon,zeroshot", output=os.path.join(out, "report.json"))
-config = runner.checkpoint_config(runner.resolve_checkpoint(workdir))
-model, step = runner.load_model_from_checkpoint(config, workdir)
+run = load_run(workdir)
+config, model = run.config, run.model
 export_codes.export_codes(config, model, os.path.join(out, "codes"), split="eval", batch_size=3, records_per_shard=4)
 '''
 
@@ -106,8 +108,6 @@ def test_two_processes_match_one(demo, tmp_path):
     """jax.distributed on CPU (2 processes): each reads its share of the eval set; metrics reduced across processes
     equal the single-process ones, and the code shards of both processes are listed in one manifest."""
     import socket
-
-    from unitok_jax.evals import runner
 
     config, workdir, model = demo
     single = runner.run_evals(config, model, "recon,zeroshot")

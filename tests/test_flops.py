@@ -9,21 +9,22 @@ from unitok_jax.models import build_model
 from unitok_jax.models.unitok import model_config
 from unitok_jax.parallel import sharding as shd
 from unitok_jax.train import aot, flops
+from unitok_jax.train.flops_unitok import unitok_forward_flops
 
 
 def test_vitamin_large_and_base_match_official_flop_counter():
     """Spec §1.9 (torch FlopCounterMode, one 256² image; its SDPA products were not counted)."""
     for preset, enc, dec, text, post in (("vitamin_large", 189, 504, 13, 4), ("vitamin_base", 57, 259, 13, 2.4)):
-        f = flops.unitok_forward_flops(model_config(preset), 256, include_attention=False)
+        f = unitok_forward_flops(model_config(preset), 256, include_attention=False)
         assert (f["encoder_convs"] + f["encoder_vit"]) / 1e9 == pytest.approx(enc, rel=0.01), preset
         assert (f["decoder_convs"] + f["decoder_vit"]) / 1e9 == pytest.approx(dec, rel=0.01), preset
         assert f["text"] / 1e9 == pytest.approx(text, rel=0.02), preset
         assert f["post_quant_proj"] / 1e9 == pytest.approx(post, rel=0.1), preset
     # Spec §10: the two full 3x3 convs at the expanded width in the up-sampler are ~242 GFLOP of the decoder.
-    f = flops.unitok_forward_flops(model_config("vitamin_large"), 256)
+    f = unitok_forward_flops(model_config("vitamin_large"), 256)
     assert 330e9 < f["decoder_convs"] < 345e9
     # Attention products add ~4 % to the encoder at 256 tokens.
-    assert f["encoder_vit"] / flops.unitok_forward_flops(model_config("vitamin_large"), 256, include_attention=False)[
+    assert f["encoder_vit"] / unitok_forward_flops(model_config("vitamin_large"), 256, include_attention=False)[
         "encoder_vit"] == pytest.approx(1.048, abs=0.005)
 
 
@@ -33,7 +34,7 @@ def test_step_multipliers_and_paper_totals():
     no_gan = flops.step_flops(config, gan_active=False)
     gan = flops.step_flops(config, gan_active=True)
     d = no_gan.as_dict()
-    fwd = flops.unitok_forward_flops(config.model, 256)
+    fwd = unitok_forward_flops(config.model, 256)
     assert d["encoder_vit"] == 3 * fwd["encoder_vit"] and d["quantizer"] == fwd["quantizer"]
     lp = flops.lpips_flops(256)
     assert d["lpips_reconstruction"] == 2 * lp and d["lpips_target"] == lp
@@ -83,7 +84,7 @@ def test_tiny_forward_matches_xla_matmul_count():
 
     compiled = jax.jit(forward).lower(state, images, text).compile()
     xla = sum(flops.hlo_matmul_flops(compiled.as_text()).values())
-    analytic = b * sum(flops.unitok_forward_flops(config.model, s).values())
+    analytic = b * sum(unitok_forward_flops(config.model, s).values())
     assert xla == pytest.approx(analytic, rel=0.03)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from train_helpers import micro_config
+from unitok_jax import distributed
 from unitok_jax import main as entry
 from unitok_jax.train import checkpointing, trainer
 
@@ -36,14 +37,14 @@ def small_disk(tmp_path):
 
 
 def test_should_initialize_distributed():
-    assert entry.should_initialize_distributed(None, None, {}, tpu_chips=4)  # any Cloud TPU VM: JAX auto-detects
-    assert not entry.should_initialize_distributed(None, None, {}, tpu_chips=0)  # laptop / single GPU host
-    assert entry.should_initialize_distributed(None, None, {"SLURM_NTASKS": "4"}, tpu_chips=0)
-    assert not entry.should_initialize_distributed(None, None, {"SLURM_NTASKS": "1"}, tpu_chips=0)
-    assert entry.should_initialize_distributed(None, 2, {}, tpu_chips=0)
-    assert entry.should_initialize_distributed(None, None, {"TPU_WORKER_HOSTNAMES": "a,b"}, tpu_chips=0)
-    assert not entry.should_initialize_distributed(False, 2, {"SLURM_NTASKS": "4"}, tpu_chips=4)  # the flag wins
-    assert entry.should_initialize_distributed(True, None, {}, tpu_chips=0)
+    assert distributed.should_initialize(None, None, {}, tpu_chips=4)  # any Cloud TPU VM: JAX auto-detects
+    assert not distributed.should_initialize(None, None, {}, tpu_chips=0)  # laptop / single GPU host
+    assert distributed.should_initialize(None, None, {"SLURM_NTASKS": "4"}, tpu_chips=0)
+    assert not distributed.should_initialize(None, None, {"SLURM_NTASKS": "1"}, tpu_chips=0)
+    assert distributed.should_initialize(None, 2, {}, tpu_chips=0)
+    assert distributed.should_initialize(None, None, {"TPU_WORKER_HOSTNAMES": "a,b"}, tpu_chips=0)
+    assert not distributed.should_initialize(False, 2, {"SLURM_NTASKS": "4"}, tpu_chips=4)  # the flag wins
+    assert distributed.should_initialize(True, None, {}, tpu_chips=0)
 
 
 def test_read_only_workdir_exits_in_seconds_with_a_clear_message(read_only_dir, tmp_path):

@@ -12,13 +12,13 @@ import pytest
 from flax import nnx
 
 import unitok_jax  # noqa: F401
-from unitok_jax.convert.tokenflow import tokenflow_key_map
+from unitok_jax.convert.tokenflow import load_teacher, tokenflow_key_map
+from unitok_jax.losses.distillation import cosine_distillation_loss
 from unitok_jax.models.bicubic import (area_matrix, area_resize, bicubic_matrix, bicubic_resize,
                                        interpolate_pos_table)
 from unitok_jax.models.clip_vit import CLIPViT, ViTConfig
-from unitok_jax.models.tokenflow import (TOKENFLOW_TRAIN_RECIPES, ShapeOnlyRngs, abstract_tokenflow,
-                                         cosine_distillation_loss, load_teacher, normalize_config, numpy_fill_,
-                                         random_tokenflow, tokenflow_model_config)
+from unitok_jax.models.tokenflow import (TOKENFLOW_TRAIN_RECIPES, ShapeOnlyRngs, abstract_tokenflow, normalize_config,
+                                         numpy_fill_, random_tokenflow, tokenflow_model_config)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 import unitok_jax  # noqa: F401  (disables eager sharding)
 from unitok_jax.convert.tokenflow import _inv, load_tokenflow, tokenflow_key_map
-from unitok_jax.models.tokenflow import tokenflow_loss_terms
+from unitok_jax.losses.distillation import tokenflow_loss_terms
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -15,9 +15,9 @@ import pytest
 from flax import nnx
 
 import unitok_jax  # noqa: F401
-from unitok_jax.convert.tokenflow import load_tokenflow, to_official_state_dict, tokenflow_key_map
-from unitok_jax.models.tokenflow import (abstract_tokenflow, clip_normalize, load_semantic_encoder, load_teacher,
-                                         random_tokenflow)
+from unitok_jax.convert.tokenflow import (load_semantic_encoder, load_teacher, load_tokenflow, to_official_state_dict,
+                                          tokenflow_key_map)
+from unitok_jax.models.tokenflow import abstract_tokenflow, clip_normalize, random_tokenflow
 
 _VIT = {"kind": "vitamin", "input_resolution": 32, "stem_width": 8, "stage_widths": [8, 16], "stage_depths": [1, 1],
         "mbconv_expand_ratio": 2.0, "vit_width": 32, "vit_depth": 1, "vit_heads": 2, "mlp_ratio": 2.0,

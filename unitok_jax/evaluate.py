@@ -24,7 +24,7 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from unitok_jax import paths
+from unitok_jax import distributed, paths
 
 _FLAGS: dict = {}
 
@@ -39,20 +39,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("evals", None, "Comma-separated evals: recon,fid,zeroshot (default: config.eval.names).")
     flags.DEFINE_string("output", None, "Path of the JSON report (default: <run>/eval/report_step<N>.json).")
     flags.DEFINE_integer("num_batches", None, "Limit the number of eval batches (default: config.eval.num_batches, 0 = all).")
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process runs; cluster env or the flags below).")
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process without a cluster env).")
-    flags.DEFINE_integer("num_processes", None, "Total number of processes.")
-    flags.DEFINE_integer("process_id", None, "Index of this process.")
+    distributed.define_flags(flags)
     flags.mark_flags_as_required(["checkpoint"])
-
-
-def initialize_distributed(FLAGS) -> None:
-    import jax
-
-    if FLAGS.distributed or (FLAGS.num_processes or 1) > 1:
-        kwargs = {k: getattr(FLAGS, k) for k in ("coordinator_address", "num_processes", "process_id")
-                  if getattr(FLAGS, k) is not None}
-        jax.distributed.initialize(**kwargs)
 
 
 def _default_output(checkpoint_path: str, step) -> str:
@@ -67,21 +55,18 @@ def evaluate(config, checkpoint: str, *, workdir: str | None = None, evals: str 
     """Library form of the CLI: load, run, write the report (and grid) and return the report dict."""
     import jax
 
+    from unitok_jax.evals import config as eval_config_lib
     from unitok_jax.evals import runner
+    from unitok_jax.load import load_run
 
-    path = runner.resolve_checkpoint(checkpoint, workdir)
-    if config is None:
-        if paths.isfile(path):
-            raise ValueError("an official weight file needs --config (data and eval settings)")
-        config = runner.checkpoint_config(path)
-        if config is None:
-            raise ValueError(f"{path} has no saved config: pass --config")
-    model, step = runner.load_model_from_checkpoint(config, path)
+    run = load_run(checkpoint, config, workdir=workdir)
+    config, path, step = run.config, run.path, run.step
     output = output or _default_output(path, step)
-    report = runner.run_evals(config, model, evals, step=step, output_dir=paths.parent(output),
+    report = runner.run_evals(config, run.model, evals, step=step, output_dir=paths.parent(output),
                               num_batches=num_batches)
     report["meta/checkpoint"] = path
-    report["meta/evals"] = ",".join(runner.parse_names(evals if evals is not None else runner.eval_config(config).names))
+    names = evals if evals is not None else eval_config_lib.eval_config(config).names
+    report["meta/evals"] = ",".join(eval_config_lib.parse_names(names))
     report["meta/variant"] = str(config.get("variant", ""))
     report["meta/process_count"] = jax.process_count()
     runner.write_report(report, output)
@@ -96,7 +81,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     import jax
 
-    initialize_distributed(FLAGS)
+    distributed.initialize_from_flags(FLAGS)
     from unitok_jax.evals import runner
 
     report = evaluate(_FLAGS["config"].value, FLAGS.checkpoint, workdir=FLAGS.workdir, evals=FLAGS.evals,

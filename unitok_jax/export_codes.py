@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from unitok_jax import distributed
 from unitok_jax import paths as _paths  # not `paths`: export_codes() uses that name for its input files
 
 FORMAT = "unitok_jax.codes/1"
@@ -49,10 +50,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("batch_size", 64, "Images per forward pass (per process).")
     flags.DEFINE_integer("records_per_shard", 10_000, "Records per output shard.")
     flags.DEFINE_integer("max_examples", 0, "Export at most this many records (0 = all).")
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process runs; cluster env or the flags below).")
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process without a cluster env).")
-    flags.DEFINE_integer("num_processes", None, "Total number of processes.")
-    flags.DEFINE_integer("process_id", None, "Index of this process.")
+    distributed.define_flags(flags)
     flags.mark_flags_as_required(["checkpoint", "output_dir"])
 
 
@@ -243,17 +241,14 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     import jax
 
-    from unitok_jax.evaluate import initialize_distributed
-    from unitok_jax.evals import runner
+    from unitok_jax.load import load_run
 
-    initialize_distributed(FLAGS)
-    path = runner.resolve_checkpoint(FLAGS.checkpoint, FLAGS.workdir)
-    config = _FLAGS["config"].value
-    if config is None:
-        config = None if _paths.isfile(path) else runner.checkpoint_config(path)
-        if config is None:
-            raise app.UsageError("--config is required for this checkpoint (no saved config)")
-    model, step = runner.load_model_from_checkpoint(config, path)
+    distributed.initialize_from_flags(FLAGS)
+    try:
+        run = load_run(FLAGS.checkpoint, _FLAGS["config"].value, workdir=FLAGS.workdir)
+    except ValueError as e:  # no config saved with it / an official file: --config is needed
+        raise app.UsageError(f"{e} (--config)") from e
+    config, model, path, step = run.config, run.model, run.path, run.step
     manifest = export_codes(config, model, FLAGS.output_dir, files=FLAGS.files, split=FLAGS.split,
                             batch_size=FLAGS.batch_size, records_per_shard=FLAGS.records_per_shard,
                             max_examples=FLAGS.max_examples, checkpoint=path, step=step)

@@ -75,13 +75,13 @@ def reconstruct(model, images: np.ndarray, batch_size: int = 8) -> tuple[np.ndar
 
 def main(argv):
     del argv
-    from unitok_jax.evals.runner import load_model_from_checkpoint
-    from unitok_jax.train.metric_writers import to_uint8
+    from unitok_jax.load import load_tokenizer
+    from unitok_jax.image_grid import to_uint8
     from PIL import Image
 
     if FLAGS.model_preset and _paths.isfile(FLAGS.checkpoint):
         from unitok_jax.convert.official import load_unitok
-        from unitok_jax.convert.torch_io import load_state_dict
+        from unitok_jax.torch_io import load_state_dict
 
         path = FLAGS.checkpoint
         if path.endswith(".npz"):
@@ -91,7 +91,7 @@ def main(argv):
             source = load_state_dict(path, subkeys=("trainer", "unitok"))
         model, step = load_unitok(source, FLAGS.model_preset), None
     else:
-        model, step = load_model_from_checkpoint(FLAGS.config, FLAGS.checkpoint)
+        model, step = load_tokenizer(FLAGS.checkpoint, FLAGS.config)
     size = FLAGS.image_size or int(getattr(model, "config", {}).get("image_size", 256) or 256)
     paths, images = load_images(expand_image_paths(FLAGS.images), size)
     codes, recs = reconstruct(model, images, FLAGS.batch_size)

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 import unitok_jax  # noqa: F401  (disables flax eager sharding before any model is built)
-from unitok_jax.convert import torch_io
+from unitok_jax import torch_io
 from unitok_jax.models.unitok import PRESETS, UniTok, model_config as preset_config, normalize_config
 
 # Official buffers that carry no learnable information. `MUST_BE_ZERO` ones are checked (a non-zero value would
@@ -305,10 +305,3 @@ def load_unitok(path_or_state_dict, model_config=None, **config_overrides) -> Un
 def param_count(model: UniTok) -> int:
     """Number of parameters (works on abstract models)."""
     return int(sum(math.prod(_value(v).shape) for _, v in _flat_params(model)))
-
-
-def load_tokenflow(path_or_state_dict, config, **kwargs):
-    """Official TokenFlow checkpoint (.pt / state dict) → `TokenFlow`; see `unitok_jax.convert.tokenflow`."""
-    from unitok_jax.convert.tokenflow import load_tokenflow as _load_tokenflow
-
-    return _load_tokenflow(path_or_state_dict, config, **kwargs)

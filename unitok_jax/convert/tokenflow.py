@@ -12,6 +12,7 @@ HF SigLIP q/k/v projections are packed into our `in_proj` ([q | k | v] columns).
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any, Iterable, Mapping
@@ -21,10 +22,13 @@ import numpy as np
 from flax import nnx
 
 from unitok_jax.convert.official import official_param_name
-from unitok_jax.convert.torch_io import load_state_dict
+from unitok_jax.torch_io import load_state_dict
 from unitok_jax.models.clip_vit import CLIPViT
 from unitok_jax.models.vitamin_semantic import ViTaminSemantic
-from unitok_jax.models.tokenflow import TokenFlow, abstract_tokenflow, normalize_config
+from unitok_jax.models.tokenflow import (ShapeOnlyRngs, Teacher, TokenFlow, abstract_tokenflow, normalize_config,
+                                         numpy_fill_, semantic_vit)
+
+log = logging.getLogger(__name__)
 
 CODEBOOK_USED_LEN = 131072  # official FIFO length (vq_model.py:598), independent of the codebook size
 
@@ -350,3 +354,49 @@ def load_vit_weights(vit: CLIPViT | ViTaminSemantic, sd: Mapping[str, np.ndarray
             ignored.append(re.escape(prefix) + r"proj$")
     sub = {k: v for k, v in sd.items() if k.startswith(prefix)}
     apply_key_map(vit, m.entries, ignored, sub, what="teacher ViT", ignore_unused=ignore_unused)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pretrained vision towers: the frozen teacher and the student semantic encoder
+# ---------------------------------------------------------------------------------------------------------------
+_VISION_PREFIXES = ("visual.trunk.", "visual.", "vision_model.", "")
+
+
+def _read_vision_state_dict(path: str | os.PathLike | Mapping) -> Mapping[str, Any]:
+    if isinstance(path, (str, os.PathLike)) and os.fspath(path).endswith(".npz"):
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    return load_state_dict(path, subkeys=("state_dict", "model"))
+
+
+def load_teacher(path: str | os.PathLike | Mapping | None, cfg: Mapping[str, Any] | str, *, seed: int = 0) -> Teacher:
+    """Build the frozen teacher from `cfg['teacher']` (or a preset name) and load weights from `path`.
+
+    `path`: an OpenAI CLIP `.pt/.pth` (keys `visual.*`, torch needed), an `.npz` of the same keys, an HF SigLIP
+    vision state dict (`vision_model.*`), a timm ViTamin state dict (`patch_embed.backbone.*`, `blocks.*`; also
+    under open_clip's `visual.trunk.`), or a {key: array} mapping. None -> random init with a warning (only for
+    smoke tests: distillation against a random teacher is meaningless).
+    """
+    full = normalize_config(cfg) if isinstance(cfg, str) or "image_size" in cfg else {"teacher": dict(cfg)}
+    tcfg = full.get("teacher")
+    if tcfg is None:
+        raise ValueError("config has no 'teacher' block")
+    teacher = nnx.eval_shape(lambda: Teacher(tcfg, rngs=ShapeOnlyRngs()))  # every param is filled below
+    if path is None:
+        log.warning("load_teacher: no teacher weights given; using a RANDOM %s teacher", tcfg.get("kind", "clip_vit"))
+        return numpy_fill_(teacher, seed)
+    load_vit_weights(teacher.vit, _read_vision_state_dict(path), prefixes=_VISION_PREFIXES, ignore_unused=True)
+    return teacher
+
+
+def load_semantic_encoder(path: str | os.PathLike | Mapping, cfg: Mapping[str, Any] | str) -> nnx.State:
+    """Pretrained weights for the *student* semantic tower (`encoder_vqkd`), as the official code starts from
+    `clip.load` / `SiglipVisionModel.from_pretrained` / `timm.create_model(..., pretrained=True)`: the same files
+    `load_teacher` reads (keys the student does not build, e.g. CLIP's `proj` or SigLIP's last block, are
+    ignored). Returns the `nnx.State` of its params, shaped like `TokenFlow(cfg).encoder_vqkd`."""
+    cfg = normalize_config(cfg)
+    se = {k: v for k, v in cfg["semantic_encoder"].items() if k != "input_scaling"}
+    vit = nnx.eval_shape(lambda: semantic_vit(se, rngs=ShapeOnlyRngs()))
+    load_vit_weights(vit, _read_vision_state_dict(path), prefixes=_VISION_PREFIXES, ignore_unused=True)
+    _, params = nnx.split(vit, nnx.Param)
+    return params

@@ -1,14 +1,20 @@
-"""Evaluation metrics: PSNR/SSIM, FID/IS with the TF-2015 InceptionV3, zero-shot classification, codebook usage.
+"""Evaluation: metrics (PSNR/SSIM, FID/IS with the TF-2015 InceptionV3, zero-shot, codebook usage) and `run_evals`.
 
-Independent of the training code: pure functions plus small accumulator classes that take arrays or plain
-callables. Submodules are imported explicitly (`from unitok_jax.evals import fid`); this file only holds the
-cross-process reduction helper they share.
+Below the training code (nothing here imports `unitok_jax.train`; the trainer's periodic evals live in
+`train/periodic_evals.py`). Submodules are imported explicitly (`from unitok_jax.evals import fid`); this file only
+holds the cross-process helpers they share.
 
-    image_metrics  psnr, ssim, to_unit_range
-    inception      FidInceptionV3 (pytorch-fid / torch-fidelity port), load_fid_inception
-    fid            sqrtm, frechet_distance, FeatureStats, inception_score, FidEvaluator
-    zeroshot       build_classifier, zero_shot_logits, topk_accuracy, recall_at_k
-    codebook       CodebookUsage, codebook_summary
+    image_metrics   psnr, ssim, to_unit_range
+    inception       FidInceptionV3 (pytorch-fid / torch-fidelity port), load_fid_inception
+    fid             frechet_distance, FeatureStats, inception_score, FidEvaluator
+    zeroshot        build_classifier, zero_shot_logits, topk_accuracy, recall_at_k
+    codebook        CodebookUsage
+    config          config.eval defaults and merge, EVAL_NAMES, evals_due
+    accumulators    one per eval: update(batch, out, mask) / finalize()
+    forward         the jitted eval forward of a tokenizer
+    eval_networks   InceptionV3 and LPIPS from user paths, cached per process
+    zeroshot_setup  class names, templates and the text classifier a config asks for
+    runner          run_evals, summary_line, write_report
 """
 from __future__ import annotations
 
@@ -68,3 +74,16 @@ def concat_across_processes(x) -> np.ndarray:
     padded = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)], axis=0) if pad else x
     gathered = np.asarray(multihost_utils.process_allgather(padded.astype(np.float32)))  # [p, max_n, ...]
     return np.concatenate([gathered[i, : counts[i]] for i in range(len(counts))], axis=0).astype(x.dtype)
+
+
+def local_rows(x) -> np.ndarray:
+    """Host-local rows of a batch: numpy as is; a jax.Array spanning processes -> its addressable row blocks."""
+    if isinstance(x, np.ndarray):
+        return x
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    blocks = {}
+    for shard in x.addressable_shards:  # replicas of the same rows appear once
+        start = (shard.index[0].start or 0) if shard.index else 0
+        blocks.setdefault(start, np.asarray(shard.data))
+    return np.concatenate([blocks[k] for k in sorted(blocks)], axis=0)

@@ -32,7 +32,7 @@ import scipy.linalg
 
 from unitok_jax import paths
 
-from unitok_jax.evals import concat_across_processes, gather_across_processes
+from unitok_jax.evals import concat_across_processes, gather_across_processes, local_rows
 
 SKIP_NO_WEIGHTS = "no InceptionV3 weights: set eval.fid.inception_path to pt_inception-2015-12-05-6726825d.pth"
 
@@ -135,19 +135,6 @@ def frechet_distance(
 # ----------------------------------------------------------------------------------------------- statistics
 
 
-def _local_rows(x) -> np.ndarray:
-    """Host-local rows of a batch: numpy as is; a jax.Array spanning processes -> its addressable row blocks."""
-    if isinstance(x, np.ndarray):
-        return x
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    blocks = {}
-    for shard in x.addressable_shards:  # replicas of the same rows appear once
-        start = (shard.index[0].start or 0) if shard.index else 0
-        blocks.setdefault(start, np.asarray(shard.data))
-    return np.concatenate([blocks[k] for k in sorted(blocks)], axis=0)
-
-
 class FeatureStats:
     """Streaming mean and covariance of feature vectors in float64: count, mean [d], centred scatter M2 [d, d].
 
@@ -174,7 +161,7 @@ class FeatureStats:
         self.count = n
 
     def update(self, features) -> "FeatureStats":
-        f = np.asarray(_local_rows(features), np.float64)
+        f = np.asarray(local_rows(features), np.float64)
         if f.ndim < 1 or f.shape[-1] != self.dim:
             raise ValueError(f"feature dim {f.shape[-1] if f.ndim else None} != {self.dim}")
         f = f.reshape(-1, self.dim)
@@ -417,7 +404,7 @@ class FidEvaluator:
                 pad = np.zeros((self._pad_to - n,) + images.shape[1:], images.dtype)
                 images = np.concatenate([images, pad], axis=0)
         pool3, logits = self._forward(images)
-        pool3, logits = _local_rows(pool3), _local_rows(logits)
+        pool3, logits = local_rows(pool3), local_rows(logits)
         if n is not None:
             pool3, logits = pool3[:n], logits[:n]
         return np.asarray(pool3, np.float64), np.asarray(logits, np.float32)

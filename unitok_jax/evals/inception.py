@@ -462,7 +462,7 @@ def load_fid_inception(
     a ValueError naming them. Reading a .pth file needs torch (optional extra); a dict of numpy arrays or an
     .npz written once with `np.savez(path, **export_state_dict(model))` does not.
     """
-    from unitok_jax.convert.torch_io import load_state_dict
+    from unitok_jax.torch_io import load_state_dict
 
     if isinstance(path_or_state_dict, (str, os.PathLike)) and os.fspath(path_or_state_dict).endswith(".npz"):
         if not paths.exists(path_or_state_dict):

@@ -226,7 +226,7 @@ def _read(path_or_state_dict) -> dict[str, np.ndarray]:
     if isinstance(path_or_state_dict, (str, os.PathLike)) and os.fspath(path_or_state_dict).endswith(".npz"):
         with np.load(os.fspath(path_or_state_dict)) as z:
             return {k: np.asarray(z[k]) for k in z.files}
-    from unitok_jax.convert import torch_io
+    from unitok_jax import torch_io
 
     return torch_io.load_state_dict(path_or_state_dict, subkeys=("model", "teacher", "state_dict"))
 

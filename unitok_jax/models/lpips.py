@@ -170,7 +170,7 @@ def _read_state_dict(path_or_state_dict) -> dict[str, np.ndarray]:
         with np.load(paths.local_copy(path)) as z:
             sd = {k: np.asarray(z[k]) for k in z.files}
     else:
-        from unitok_jax.convert import torch_io
+        from unitok_jax import torch_io
 
         sd = torch_io.load_state_dict(path_or_state_dict, subkeys=("state_dict", "model"))
     # The parity fixture stores the state dict under `param/`; inputs/outputs of other prefixes are ignored only

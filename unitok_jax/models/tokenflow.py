@@ -8,14 +8,13 @@ Pipeline (NHWC, images in [-1, 1]):
   final_quantize[..., 32:] -> post_quant_conv -> CNN decoder -> pix_rec
 
 This module also holds the config presets (`tokenflow_model_config`), the official training hyper-parameters
-(`TOKENFLOW_TRAIN_RECIPES`), the frozen teacher (`Teacher`, `load_teacher`) and the TokenFlow-specific loss
-functions (cosine distillation). It does not hold LPIPS / GAN losses or the trainer.
+(`TOKENFLOW_TRAIN_RECIPES`) and the frozen teacher (`Teacher`). Its weight loaders (`load_teacher`,
+`load_semantic_encoder`, `load_tokenflow`) are in `convert/tokenflow.py`, its distillation loss in
+`losses/distillation.py`.
 """
 from __future__ import annotations
 
 import copy
-import logging
-import os
 from typing import Any, Mapping
 
 import jax
@@ -31,8 +30,6 @@ from unitok_jax.models.residual_quantizer import MultiScaleResidualQuantizer
 from unitok_jax.models.shared_quantizer import SharedDualCodebookQuantizer
 from unitok_jax.models.vitamin_semantic import ViTaminSemantic, ViTaminSemanticConfig
 from unitok_jax.models.vqgan_cnn import Decoder, Encoder
-
-log = logging.getLogger(__name__)
 
 # CLIP's pixel statistics (the frozen teacher; the CLIP *student* sees raw [-1, 1] pixels).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -547,74 +544,3 @@ class Teacher(nnx.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         feats, _ = self.vit(self.preprocess(images), interpolate=self.interpolate)
         return jax.lax.stop_gradient(feats.astype(jnp.float32))
-
-
-_VISION_PREFIXES = ("visual.trunk.", "visual.", "vision_model.", "")
-
-
-def _read_vision_state_dict(path: str | os.PathLike | Mapping) -> Mapping[str, Any]:
-    if isinstance(path, (str, os.PathLike)) and os.fspath(path).endswith(".npz"):
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
-    from unitok_jax.convert.torch_io import load_state_dict
-
-    return load_state_dict(path, subkeys=("state_dict", "model"))
-
-
-def load_teacher(path: str | os.PathLike | Mapping | None, cfg: Mapping[str, Any] | str, *, seed: int = 0) -> Teacher:
-    """Build the frozen teacher from `cfg['teacher']` (or a preset name) and load weights from `path`.
-
-    `path`: an OpenAI CLIP `.pt/.pth` (keys `visual.*`, torch needed), an `.npz` of the same keys, an HF SigLIP
-    vision state dict (`vision_model.*`), a timm ViTamin state dict (`patch_embed.backbone.*`, `blocks.*`; also
-    under open_clip's `visual.trunk.`), or a {key: array} mapping. None -> random init with a warning (only for
-    smoke tests: distillation against a random teacher is meaningless).
-    """
-    full = normalize_config(cfg) if isinstance(cfg, str) or "image_size" in cfg else {"teacher": dict(cfg)}
-    tcfg = full.get("teacher")
-    if tcfg is None:
-        raise ValueError("config has no 'teacher' block")
-    teacher = nnx.eval_shape(lambda: Teacher(tcfg, rngs=ShapeOnlyRngs()))  # every param is filled below
-    if path is None:
-        log.warning("load_teacher: no teacher weights given; using a RANDOM %s teacher", tcfg.get("kind", "clip_vit"))
-        return numpy_fill_(teacher, seed)
-    from unitok_jax.convert.tokenflow import load_vit_weights  # local import: convert depends on models
-
-    load_vit_weights(teacher.vit, _read_vision_state_dict(path), prefixes=_VISION_PREFIXES, ignore_unused=True)
-    return teacher
-
-
-def load_semantic_encoder(path: str | os.PathLike | Mapping, cfg: Mapping[str, Any] | str) -> nnx.State:
-    """Pretrained weights for the *student* semantic tower (`encoder_vqkd`), as the official code starts from
-    `clip.load` / `SiglipVisionModel.from_pretrained` / `timm.create_model(..., pretrained=True)`: the same files
-    `load_teacher` reads (keys the student does not build, e.g. CLIP's `proj` or SigLIP's last block, are
-    ignored). Returns the `nnx.State` of its params, shaped like `TokenFlow(cfg).encoder_vqkd`."""
-    cfg = normalize_config(cfg)
-    se = {k: v for k, v in cfg["semantic_encoder"].items() if k != "input_scaling"}
-    vit = nnx.eval_shape(lambda: semantic_vit(se, rngs=ShapeOnlyRngs()))
-    from unitok_jax.convert.tokenflow import load_vit_weights
-
-    load_vit_weights(vit, _read_vision_state_dict(path), prefixes=_VISION_PREFIXES, ignore_unused=True)
-    _, params = nnx.split(vit, nnx.Param)
-    return params
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# TokenFlow-specific losses (plain functions)
-# ---------------------------------------------------------------------------------------------------------------
-
-def cosine_distillation_loss(sem_rec: jax.Array, teacher_feats: jax.Array) -> jax.Array:
-    """mean over tokens of 1 - cos(sem_rec, teacher) with both sides l2-normalised (vq_loss.calculate_clip_rec_loss)."""
-    a = L.l2_normalize(sem_rec, -1)
-    b = L.l2_normalize(jax.lax.stop_gradient(teacher_feats), -1)
-    return jnp.mean(1.0 - jnp.sum(a * b, axis=-1))
-
-
-def tokenflow_loss_terms(images: jax.Array, pix_rec: jax.Array, aux: Mapping[str, jax.Array],
-                         teacher_feats: jax.Array) -> dict[str, jax.Array]:
-    """The non-perceptual, non-adversarial generator terms: rec_mse + vq + commit + entropy + sem_cos
-    (the fixture's documented gradient loss; LPIPS and GAN terms are added by the trainer)."""
-    rec = jnp.mean(jnp.square(pix_rec.astype(jnp.float32) - images.astype(jnp.float32)))
-    sem = cosine_distillation_loss(aux["sem_rec"], teacher_feats)
-    total = rec + aux["vq_loss"] + aux["commit_loss"] + aux["entropy_loss"] + sem
-    return {"rec_mse": rec, "vq_loss": aux["vq_loss"], "commit_loss": aux["commit_loss"],
-            "entropy_loss": aux["entropy_loss"], "sem_cos": sem, "total": total}

@@ -1,6 +1,6 @@
 """Orbax checkpoints of the train state, the Grain iterator state and the config, saved together.
 
-Resume order (DESIGN.md): checkpoint in the workdir → explicit `resume_from` → `init_from` (params only) → scratch.
+Resume order: checkpoint in the workdir → explicit `resume_from` → `init_from` (params only) → scratch.
 
 Damage policy (`Checkpointer.restore_latest_good`):
 - A save interrupted by a kill leaves an Orbax `<step>.orbax-checkpoint-tmp*` directory: it is never listed as a
@@ -22,10 +22,12 @@ write of the array files failed). Directories may be local or object-store URLs 
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Callable
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -37,6 +39,10 @@ from unitok_jax import paths
 
 class RestoreError(RuntimeError):
     pass
+
+
+class CheckpointNotFoundError(RestoreError, FileNotFoundError):
+    """No checkpoint where one was named (a missing path, a step that was never saved, an empty run)."""
 
 
 class CheckpointSaveError(RuntimeError):
@@ -281,29 +287,65 @@ def _path_names(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def _checkpoint_step_dir(path: str) -> str:
-    path = paths.resolve(path)
-    if paths.isdir(paths.join(path, "checkpoints")):
-        path = paths.join(path, "checkpoints")
-    if not paths.isdir(paths.join(path, "state")):
-        steps = sorted(int(d) for d in paths.listdir(path) if d.isdigit())
-        if not steps:
-            raise RestoreError(f"{path!r}: no checkpoint steps found (expected <run>/checkpoints/<step>/state)")
-        path = paths.join(path, str(steps[-1]))
-    return path
+def resolve_checkpoint(checkpoint: str | int | os.PathLike, workdir: str | None = None) -> str:
+    """The step directory (holding `state/`) meant by `checkpoint`: a step number (with `workdir`), a run workdir,
+    its `checkpoints/` directory (newest step) or a step directory. A file (official weights) is returned as is.
+    The one resolver shared by restore, `init_from`, evaluate, export_codes, reconstruct and the colabs."""
+    if isinstance(checkpoint, int) or (isinstance(checkpoint, str) and checkpoint.isdigit()):
+        if not workdir:
+            raise ValueError(f"checkpoint={checkpoint!r} is a step number: also pass workdir (the run directory)")
+        directory = _checkpoints_dir(paths.resolve(workdir))
+        path = paths.join(directory, str(int(checkpoint)))
+        if not paths.isdir(paths.join(path, "state")):
+            raise CheckpointNotFoundError(f"no checkpoint for step {checkpoint} in {directory} "
+                                          f"(available: {checkpoint_steps(directory)})")
+        return path
+    path = paths.resolve(checkpoint)
+    if paths.isfile(path):
+        return path
+    if not paths.isdir(path):
+        raise CheckpointNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
+    if paths.isdir(paths.join(path, "state")):
+        return path
+    directory = _checkpoints_dir(path)
+    steps = checkpoint_steps(directory)
+    if not steps:
+        raise CheckpointNotFoundError(f"{directory!r}: no checkpoint steps found (expected <run>/checkpoints/<step>/state)")
+    return paths.join(directory, str(steps[-1]))
+
+
+def _checkpoints_dir(path: str) -> str:
+    sub = paths.join(path, "checkpoints")
+    return sub if paths.isdir(sub) else path
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+    """Steps under a checkpoints directory that hold a `state/` item, ascending ([] when it does not exist)."""
+    if not paths.isdir(directory):
+        return []
+    return sorted(int(d) for d in paths.listdir(directory)
+                  if d.isdigit() and paths.isdir(paths.join(directory, d, "state")))
+
+
+def checkpoint_config(step_dir: str) -> ml_collections.ConfigDict | None:
+    """The training config saved next to a checkpoint (None when absent)."""
+    path = paths.join(step_dir, "config", "metadata")
+    if not paths.exists(path):
+        return None
+    return ml_collections.ConfigDict(paths.read_json(path))
 
 
 def restore_params_only(path: str, abstract_params=None) -> Any:
     """Only the generator params of a checkpoint (step dir, checkpoints dir or run dir), on any device topology.
 
     Used by `init_from`, tests and tools. The checkpoint may come from another mesh or process count, so the saved
-    shardings are ignored. With `abstract_params` (a pytree of ShapeDtypeStruct with `.sharding`, e.g. the
-    trainer's nnx.State) every leaf is read straight into its target sharding and cast to its dtype, and the
+    shardings are ignored. With `abstract_params` (a pytree of ShapeDtypeStruct, e.g. the trainer's nnx.State or
+    `nnx.eval_shape`'s; leaves without a `.sharding` go to the first local device) every leaf is read straight into its target sharding and cast to its dtype, and the
     result has `abstract_params`' structure; parameter names and shapes must match (RestoreError names the first
     differences). Without it, the saved tree (plain dicts) comes back on the first local device. Nothing but
     `params` is read.
     """
-    state_dir = paths.join(_checkpoint_step_dir(path), "state")
+    state_dir = paths.join(resolve_checkpoint(path), "state")
     with ocp.PyTreeCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(state_dir)
         tree = getattr(metadata, "item_metadata", metadata)
@@ -339,6 +381,10 @@ def _target_like_saved(saved, abstract_params, where: str):
                     "shape mismatch: " + ", ".join(f"{'/'.join(k)} {tuple(have[k].shape)} vs model "
                                                    f"{tuple(wanted[k].shape)}" for k in wrong[:5]) if wrong else ""]
         raise RestoreError(f"{where}: params do not match this model's: " + "; ".join(p for p in problems if p))
-    return jax.tree_util.tree_map_with_path(
-        lambda p, m: jax.ShapeDtypeStruct(m.shape, wanted[_path_names(p)].dtype, sharding=wanted[_path_names(p)].sharding),
-        saved)
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # for abstract leaves without a sharding
+
+    def target(p, m):
+        want = wanted[_path_names(p)]
+        return jax.ShapeDtypeStruct(m.shape, want.dtype, sharding=getattr(want, "sharding", None) or local)
+
+    return jax.tree_util.tree_map_with_path(target, saved)

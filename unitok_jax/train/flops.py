@@ -1,4 +1,6 @@
-"""Analytic model FLOPs of a UniTok train step, peak FLOP/s per chip, and the `perf/mfu` metrics.
+"""Analytic model FLOPs of a train step, peak FLOP/s per chip, and the `perf/mfu` metrics.
+
+Per-model forward counts: `flops_unitok.py`, `flops_tokenflow.py` (building blocks: `flops_common.py`).
 
 What is counted: matmul and convolution FLOPs (2 per multiply-add) plus the attention score/value products;
 elementwise work (norms, activations, softmax, the optimizer) and rematerialisation are not counted, as is usual for
@@ -27,7 +29,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Callable
+
+from unitok_jax.train.flops_common import Term, config_value, conv, vit_block
+from unitok_jax.train.flops_tokenflow import tokenflow_step_terms
+from unitok_jax.train.flops_unitok import unitok_step_terms
 
 # Dense bf16 peak FLOP/s per chip (no sparsity), from the vendors' data sheets. Matched against
 # `device.device_kind` (lower-cased substrings, first match wins); CPUs and unknown chips have no peak (MFU = NaN).
@@ -56,139 +62,6 @@ def peak_flops_per_device(device_or_kind: Any) -> float | None:
     return None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Building blocks (forward FLOPs for ONE example).
-
-def dense(n: int, d_in: int, d_out: int) -> float:
-    return 2.0 * n * d_in * d_out
-
-
-def conv(h_out: int, w_out: int, k: int, c_in: int, c_out: int, groups: int = 1) -> float:
-    return 2.0 * h_out * w_out * k * k * (c_in // groups) * c_out
-
-
-def attention_products(n: int, width: int, m: int | None = None) -> float:
-    """q·kᵀ and softmax·v for n queries over m keys at total width `width` (all heads)."""
-    return 4.0 * n * (n if m is None else m) * width
-
-
-def vit_block(n: int, d: int, mlp_hidden: int, *, geglu: bool, include_attention: bool = True) -> float:
-    """Pre-norm ViT block: fused qkv, out proj, MLP (GeGLU = two input matrices)."""
-    mlp = dense(n, d, mlp_hidden) * (2 if geglu else 1) + dense(n, mlp_hidden, d)
-    return dense(n, d, 3 * d) + dense(n, d, d) + mlp + (attention_products(n, d) if include_attention else 0.0)
-
-
-def _get(cfg, key, default=None):
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
-        v = cfg.get(key, default)
-        return default if v is None else v
-    return getattr(cfg, key, default)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# UniTok pieces.
-
-def encoder_flops(enc, image_size: int, *, include_attention: bool = True) -> dict[str, float]:
-    """ViTamin hybrid encoder: conv stem, MBConv stages, strided conv, ViT blocks."""
-    r = image_size // 2
-    stem_w = enc.stem_width
-    convs = conv(r, r, 3, 3, stem_w) + conv(r, r, 3, stem_w, stem_w)
-    cin = stem_w
-    for width, depth in zip(enc.stage_widths, enc.stage_depths):
-        for i in range(depth):
-            stride = 2 if i == 0 else 1
-            mid = int(width * enc.mbconv_expand_ratio)
-            r_out = r // stride
-            convs += conv(r, r, 1, cin, mid) + conv(r_out, r_out, 3, mid, mid, groups=mid) + conv(r_out, r_out, 1, mid, width)
-            if cin != width:  # stride 2: avg-pool then 1x1; stride 1: 1x1
-                convs += conv(r_out, r_out, 1, cin, width)
-            cin, r = width, r_out
-    r //= 2
-    convs += conv(r, r, 3, cin, enc.vit_width)
-    n = r * r
-    vit = enc.vit_depth * vit_block(n, enc.vit_width, int(enc.vit_width * enc.mlp_ratio), geglu=True,
-                                    include_attention=include_attention)
-    return {"encoder_convs": convs, "encoder_vit": vit}
-
-
-def attn_projection_flops(n: int, in_dim: int, out_dim: int, *, include_attention: bool = True) -> float:
-    width = max(in_dim, out_dim)
-    heads_out = out_dim if out_dim < width else width  # 'mean' reduces heads to out_dim; 'concat' keeps width
-    f = dense(n, in_dim, out_dim)                      # shortcut
-    f += dense(n, in_dim, 3 * width)                   # qkv
-    f += dense(n, heads_out, out_dim)                  # attn.proj
-    f += 3 * dense(n, out_dim, 2 * out_dim)            # GeGLU w0, w1, w2
-    if include_attention:
-        f += attention_products(n, width)
-    return f
-
-
-def decoder_flops(dec, tokens_hw: int, *, mlp_ratio: float, include_attention: bool = True) -> dict[str, float]:
-    """ViT blocks, then Upsample2d / InvMBConv up-sampler (full 3x3 convs at the expanded width) / InvStem."""
-    c0, c1, c2 = dec.channel_table
-    d2, d3 = dec.inv_mbconv_depths
-    er = dec.mbconv_expand_ratio
-    r = tokens_hw
-    vit = dec.vit_depth * vit_block(r * r, dec.vit_width, int(dec.vit_width * mlp_ratio), geglu=True,
-                                    include_attention=include_attention)
-    r *= 2
-    convs = conv(r, r, 3, c0, c1)  # up_conv1
-
-    def inv_block(cin, cout, stride, r_in):
-        mid = int(cout * er)
-        r_out = r_in * stride
-        f = conv(r_in, r_in, 1, cin, mid)
-        if stride == 2:
-            f += conv(r_out, r_out, 3, cin, cout)  # shortcut Upsample2d
-            f += conv(r_out, r_out, 3, mid, mid)   # Upsample2d(mid, mid): the expensive one
-        elif cin != cout:
-            f += conv(r_out, r_out, 1, cin, cout)
-        f += conv(r_out, r_out, 3, mid, mid, groups=mid) + conv(r_out, r_out, 1, mid, cout)
-        return f, r_out
-
-    for i in range(d2):
-        f, r = inv_block(c1, c1, 2 if i == 0 else 1, r)
-        convs += f
-    for i in range(d3):
-        f, r = inv_block(c1 if i == 0 else c2, c2, 2 if i == 0 else 1, r)
-        convs += f
-    r *= 2
-    convs += conv(r, r, 3, c2, c2) + conv(r, r, 3, c2, 3)  # InvStem
-    return {"decoder_vit": vit, "decoder_convs": convs}
-
-
-def text_flops(text, embed_dim: int, *, include_attention: bool = True) -> float:
-    t, w = text.context_length, text.width
-    hidden = int(w * float(_get(text, "mlp_ratio", 4.0)))
-    per_layer = dense(t, w, 3 * w) + dense(t, w, w) + dense(t, w, hidden) + dense(t, hidden, w)
-    if include_attention:
-        per_layer += attention_products(t, w)
-    return text.layers * per_layer + dense(1, w, embed_dim)
-
-
-def unitok_forward_flops(model_cfg, image_size: int | None = None, *, include_attention: bool = True) -> dict[str, float]:
-    """Forward FLOPs of one image (and one caption) through each part of UniTok."""
-    s = int(image_size or model_cfg.image_size)
-    n_side = s // 16
-    n = n_side * n_side
-    qp, q, pq = model_cfg.quant_proj, model_cfg.quantizer, model_cfg.post_quant_proj
-    out = dict(encoder_flops(model_cfg.encoder, s, include_attention=include_attention))
-    out["quant_proj"] = attn_projection_flops(n, qp.in_dim, qp.out_dim, include_attention=include_attention)
-    if _get(q, "type", "mcq") == "rq":  # k stages, each against K entries of the full k·d latent
-        out["quantizer"] = dense(n * q.num_codebooks, q.num_codebooks * q.codebook_dim, q.codebook_size)
-    else:  # k chunks of d dims, each against its own K entries (cosine similarities)
-        out["quantizer"] = dense(n * q.num_codebooks, q.codebook_dim, q.codebook_size)
-    out["post_quant_proj"] = attn_projection_flops(n, pq.in_dim, pq.out_dim, include_attention=include_attention)
-    mlp_ratio = float(_get(model_cfg.decoder, "mlp_ratio", model_cfg.encoder.mlp_ratio))
-    out.update(decoder_flops(model_cfg.decoder, n_side, mlp_ratio=mlp_ratio, include_attention=include_attention))
-    out["clip_head"] = dense(1, pq.out_dim, model_cfg.clip.embed_dim)
-    if _get(model_cfg, "text") is not None:
-        out["text"] = text_flops(model_cfg.text, model_cfg.clip.embed_dim, include_attention=include_attention)
-    return out
-
-
 def lpips_flops(image_size: int) -> float:
     """VGG-16 trunk up to relu5_3 + the 1x1 heads, for one image."""
     from unitok_jax.models.lpips import LPIPS_CHANNELS, VGG16_SLICES
@@ -208,21 +81,21 @@ def lpips_flops(image_size: int) -> float:
 
 def discriminator_flops(disc_cfg, image_size: int) -> dict[str, float]:
     """{'backbone': frozen part, 'heads': trainable part} forward FLOPs for one image."""
-    name = _get(disc_cfg, "name", "patch")
+    name = config_value(disc_cfg, "name", "patch")
     if name == "dino":
-        p = int(_get(disc_cfg, "patch_size", 14))
-        d = int(_get(disc_cfg, "width", 384))
-        depth = int(_get(disc_cfg, "dino_depth", 12))
-        taps = _get(disc_cfg, "taps", None) or tuple(t for t in (0, 2, 5, 8, 11) if t < depth)
-        k = int(_get(disc_cfg, "kernel_size", 9))
+        p = int(config_value(disc_cfg, "patch_size", 14))
+        d = int(config_value(disc_cfg, "width", 384))
+        depth = int(config_value(disc_cfg, "dino_depth", 12))
+        taps = config_value(disc_cfg, "taps", None) or tuple(t for t in (0, 2, 5, 8, 11) if t < depth)
+        k = int(config_value(disc_cfg, "kernel_size", 9))
         g = image_size // p
         n = g * g
         backbone = conv(g, g, p, 3, d) + (max(taps) + 1) * vit_block(n + 1, d, 4 * d, geglu=False)
         head = 2.0 * n * d * d + 2.0 * n * k * d * d + 2.0 * n * d
         return {"backbone": backbone, "heads": len(taps) * head}
     if name == "patch":
-        width = int(_get(disc_cfg, "width", 64))
-        layers = int(_get(disc_cfg, "num_layers", 3))
+        width = int(config_value(disc_cfg, "width", 64))
+        layers = int(config_value(disc_cfg, "num_layers", 3))
         chans = [min(width * 2**i, width * 8) for i in range(layers + 1)]
         r = image_size // 2
         f = conv(r, r, 4, 3, chans[0])
@@ -238,17 +111,6 @@ def discriminator_flops(disc_cfg, image_size: int) -> dict[str, float]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Term:
-    name: str
-    forward: float      # forward FLOPs for the whole global batch
-    multiplier: int     # 3 trained, 2 frozen on the gradient path, 1 forward only
-
-    @property
-    def total(self) -> float:
-        return self.forward * self.multiplier
-
-
-@dataclasses.dataclass(frozen=True)
 class StepFlops:
     terms: tuple[Term, ...]
 
@@ -260,29 +122,25 @@ class StepFlops:
         return {t.name: t.total for t in self.terms}
 
 
+# model_name -> the generator's terms of one step; a new tokenizer registers its counter here.
+STEP_TERMS: dict[str, Callable[..., list[Term]]] = {"unitok": unitok_step_terms, "tokenflow": tokenflow_step_terms}
+
+
 def step_flops(config, *, gan_active: bool, include_attention: bool = True) -> StepFlops:
     """Model FLOPs of one train step for the whole global batch (divide by devices for per-device)."""
     b = int(config.global_batch_size)
     s = int(config.data.image_size)
-    if _get(config, "model_name", "unitok") == "tokenflow":
-        from unitok_jax.train.flops_tokenflow import tokenflow_forward_flops
-
-        fwd = tokenflow_forward_flops(config.model, s, include_attention=include_attention)
-        # Code assignment is not differentiated; the frozen teacher runs forward only (its output is a target).
-        terms = [Term(name, b * f, 1 if name in ("quantizer", "teacher") else 3) for name, f in fwd.items()]
-    else:
-        fwd = unitok_forward_flops(config.model, s, include_attention=include_attention)
-        terms = [Term(name, b * f, 1 if name == "quantizer" else 3) for name, f in fwd.items()]
-        e = int(config.model.clip.embed_dim)
-        if "text" in fwd and config.loss.clip:
-            terms.append(Term("contrastive_logits", 4.0 * b * b * e, 3))
+    model_name = config_value(config, "model_name", "unitok")
+    if model_name not in STEP_TERMS:
+        raise ValueError(f"no FLOP counter for model {model_name!r} (known: {sorted(STEP_TERMS)})")
+    terms = STEP_TERMS[model_name](config, b, s, include_attention=include_attention)
     if config.loss.lpips:
         lp = b * lpips_flops(s)
         terms += [Term("lpips_reconstruction", lp, 2), Term("lpips_target", lp, 1)]
-    gan = bool(config.loss.gan) and _get(config.discriminator, "name", "none") != "none"
+    gan = bool(config.loss.gan) and config_value(config.discriminator, "name", "none") != "none"
     if gan and gan_active:
         d = discriminator_flops(config.discriminator, s)
-        dino = _get(config.discriminator, "name") == "dino"
+        dino = config_value(config.discriminator, "name") == "dino"
         # G step: D(fake) forward + input gradient (D frozen there).
         terms.append(Term("disc_in_generator", b * (d["backbone"] + d["heads"]), 2))
         # D step: D on real and fake (+ bCR: two more views each); heads trained, DINO backbone forward only.

@@ -1,4 +1,4 @@
-"""Analytic forward FLOPs of TokenFlow (one image), in the units of `unitok_jax.train.flops` (2 per MAC, matmuls
+"""Analytic forward FLOPs of TokenFlow (one image), in the units of `unitok_jax.train.flops_common` (2 per MAC, matmuls
 and convolutions only; attention products included unless asked not to).
 
 Parts: semantic tower (CLIP / SigLIP ViT or ViTamin), encode_task_layer, pixel CNN encoder + quant_conv, the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from unitok_jax.train.flops import attention_products, conv, dense, encoder_flops
+from unitok_jax.train.flops_common import Term, attention_products, conv, dense, encoder_flops
 
 
 def _plain(cfg) -> dict:
@@ -137,3 +137,10 @@ def tokenflow_forward_flops(model_cfg, image_size: int | None = None, *, include
     if cfg.get("teacher"):
         out["teacher"] = semantic_tower_flops(cfg["teacher"], s, include_attention=include_attention)
     return out
+
+
+def tokenflow_step_terms(config, batch: int, image_size: int, *, include_attention: bool = True) -> list[Term]:
+    """The generator's terms of one step for the global batch: code assignment (not differentiated) and the frozen
+    teacher (its output is a target) forward only, every other part trained (x3)."""
+    fwd = tokenflow_forward_flops(config.model, image_size, include_attention=include_attention)
+    return [Term(name, batch * f, 1 if name in ("quantizer", "teacher") else 3) for name, f in fwd.items()]

@@ -8,9 +8,7 @@ and uploaded on every flush (tensorboardX appends to an open file, which object 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import math
 import sys
 import time
 from typing import Mapping
@@ -18,9 +16,9 @@ from typing import Mapping
 import jax
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from unitok_jax import paths
+from unitok_jax.image_grid import save_pair_grid
 
 
 def _to_python(value):
@@ -111,7 +109,7 @@ class MetricWriter:
         if not self.enabled:
             return None
         path = paths.join(self.workdir, "images", f"{name}_step{int(step):07d}.png")
-        return self._guard("images", _save_pair_grid, path, originals, reconstructions)
+        return self._guard("images", save_pair_grid, path, originals, reconstructions)
 
     def flush(self):
         if self._tb is not None:
@@ -123,26 +121,6 @@ class MetricWriter:
             self._guard("tensorboard", self._tb.close)
             self._guard("tensorboard", self._upload_tensorboard)
             self._tb = None
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] float → uint8 with round((x + 1)·127.5), clamped (the official convention)."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def _save_pair_grid(path: str, originals: np.ndarray, reconstructions: np.ndarray) -> str:
-    pairs = np.concatenate([to_uint8(originals), to_uint8(reconstructions)], axis=2)  # [b, h, 2w, 3]
-    b, h, w2, c = pairs.shape
-    cols = max(1, int(math.ceil(math.sqrt(b))))
-    rows = int(math.ceil(b / cols))
-    pad = 2
-    grid = np.full((rows * (h + pad) + pad, cols * (w2 + pad) + pad, c), 255, np.uint8)
-    for i in range(b):
-        r, col = divmod(i, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w2 + pad): pad + col * (w2 + pad) + w2] = pairs[i]
-    buffer = io.BytesIO()
-    Image.fromarray(grid).save(buffer, format="PNG")
-    return paths.write_bytes_atomic(path, buffer.getvalue())
 
 
 def _row_step(line: str) -> int:

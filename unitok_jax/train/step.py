@@ -221,7 +221,7 @@ def generator_loss(params, state: TrainState, frozen, batch, keys, ctx: StepCont
         metrics["train/loss/commit"] = aux["commit_loss"]
         total = total + w.vq * aux["commit_loss"]
     if ctx.teacher_graphdef is not None and w.distill:
-        from unitok_jax.models.tokenflow import cosine_distillation_loss
+        from unitok_jax.losses.distillation import cosine_distillation_loss
 
         teacher = nnx.merge(ctx.teacher_graphdef, frozen["teacher"])
         distill = cosine_distillation_loss(aux["sem_rec"], teacher(images))

@@ -20,11 +20,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from unitok_jax import config_lib, paths
-from unitok_jax.evals import runner as eval_runner
+from unitok_jax.evals.config import evals_due
 from unitok_jax.parallel import sharding as shd
 from unitok_jax.train import checkpointing, flops, full_batch_accum, grad_accum, metric_writers, optimizers, perf
 from unitok_jax.train import watchdog as watchdog_lib
 from unitok_jax.train import step as step_lib
+from unitok_jax.train.periodic_evals import run_periodic_evals
 from unitok_jax.train.state import TrainState, initial_counters
 from unitok_jax.train.validation import validate_config
 
@@ -114,7 +115,7 @@ def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components
 
     teacher_graphdef = teacher_state = None
     if config.loss.get("distill", 0.0):
-        from unitok_jax.models.tokenflow import load_teacher
+        from unitok_jax.convert.tokenflow import load_teacher
 
         teacher_graphdef, teacher_state = nnx.split(load_teacher(config.get("teacher_path") or None, _model_dict(config), seed=seed))
 
@@ -438,11 +439,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 writer.write_image_grid(step, "reconstruction", multihost_utils.process_allgather(preview, tiled=True),
                                         multihost_utils.process_allgather(rec, tiled=True))
 
-            with timers("eval"):  # cheap no-op unless config.eval.every_steps says so; collective when due
-                if eval_runner.evals_due(config, step):
+            with timers("eval"):
+                if evals_due(config, step):  # collective: every host runs them
                     watchdog.long_phase(f"periodic evals at step {step}")
-                eval_runner.maybe_run_periodic_evals(config, step, state.params, frozen["model_rest"],
-                                                     components.ctx.model_graphdef, writer)
+                    run_periodic_evals(config, step, state.params, frozen["model_rest"], components.ctx.model_graphdef,
+                                       writer)
 
             preempted = stop.requested or _preemption_reached(step)
             if checkpoint_due or step % config.ckpt_every_steps == 0 or step == config.total_steps or preempted:
@@ -654,7 +655,7 @@ def _restore_or_init(config, components: Components, checkpointer, abstract, dat
 def _load_pretrained_semantic_encoder(config, components: Components, state):
     """TokenFlow: the student semantic tower starts from pretrained CLIP / SigLIP / ViTamin weights (as the official
     code does); every other parameter keeps its fresh init."""
-    from unitok_jax.models.tokenflow import load_semantic_encoder
+    from unitok_jax.convert.tokenflow import load_semantic_encoder
 
     loaded = dict(nnx.to_flat_state(load_semantic_encoder(config.semantic_init_path, _model_dict(config))))
     flat = list(nnx.to_flat_state(state.params))
