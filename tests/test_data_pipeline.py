@@ -102,6 +102,7 @@ def test_epochs_reshuffle_and_recrop(indexed_config):
   assert not np.array_equal(e1["image"][order1], e2["image"][order2])  # with new random crops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_restore_reproduces_continuation(embedded_config, workers):
   cfg = ml_collections.ConfigDict(embedded_config.to_dict())

@@ -77,6 +77,7 @@ def test_report_keys_and_ranges(report):
     json.dumps(r)
 
 
+@pytest.mark.slow
 def test_cli_writes_json_report(trained, report, tmp_path):
     _, workdir = trained
     out = tmp_path / "report.json"

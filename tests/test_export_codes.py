@@ -75,6 +75,7 @@ def test_record_round_trip_and_wide_codebooks():
         export_codes.encode_codes_record("c", np.zeros((2, 2)))
 
 
+@pytest.mark.slow
 def test_cli(demo, tmp_path):
     _, workdir, _ = demo
     out = tmp_path / "cli_codes"

@@ -297,6 +297,7 @@ def test_evaluator_flow_and_reference_cache(tmp_path):
     assert "fid" not in out3 and "reference" in out3["fid_skipped"] and "inception_score" in out3
 
 
+@pytest.mark.slow
 def test_evaluator_with_inception_network():
     """The real wiring: state dict -> FidInceptionV3 -> jitted forward -> stats (random weights, tiny set)."""
     from unitok_jax.evals import inception

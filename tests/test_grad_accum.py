@@ -11,6 +11,8 @@ from unitok_jax.config_lib import ConfigError
 from unitok_jax.parallel import sharding as shd
 from unitok_jax.train import grad_accum, trainer
 
+pytestmark = pytest.mark.slow  # trains or compiles train steps
+
 
 def _batch(config, seed=0):
     rng = np.random.default_rng(seed)

@@ -16,6 +16,8 @@ from train_helpers import micro_config
 from unitok_jax.data import ingest
 from unitok_jax.train import trainer
 
+pytestmark = pytest.mark.slow  # trains or compiles train steps
+
 NUM_GOOD, NUM_UNDECODABLE = 16, 8
 
 

@@ -56,6 +56,7 @@ def test_forward_parity(model, fixture):
     assert_act(jnp.sum(model(x0, x1)) / 2, fixture["out/sum_of_layer_dists"], "per_example")
 
 
+@pytest.mark.slow
 def test_input_gradient_parity(model, fixture):
     x0, x1 = nhwc(fixture["in/x0"]), nhwc(fixture["in/x1"])
     g0, g1 = jax.jit(jax.grad(lambda a, b: lp.lpips_loss(model, a, b), argnums=(0, 1)))(x0, x1)

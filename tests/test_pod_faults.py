@@ -12,6 +12,8 @@ from unitok_jax import distributed
 from unitok_jax import main as entry
 from unitok_jax.train import checkpointing, trainer
 
+pytestmark = pytest.mark.slow  # trains or compiles train steps
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_PY = os.path.join(REPO, "tests", "reliability_config.py")
 

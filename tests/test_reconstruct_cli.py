@@ -4,11 +4,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_reconstruct_cli_writes_pairs_and_codes(tmp_path, fixtures_dir):
     images = tmp_path / "imgs"
     images.mkdir()

@@ -29,14 +29,13 @@ from PIL import Image
 
 import reliability_config as rc
 from train_helpers import micro_config
-from unitok_jax.config_lib import ConfigError
 from unitok_jax.train import checkpointing, trainer
 
 
 # Orbax leaves the read coroutines of a failed restore to the garbage collector ("Exception ignored in
 # <coroutine _read_array_index_and_device_put>: GeneratorExit"); collect them here so they are not reported
 # against whichever test happens to run next.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]  # trains or compiles train steps
 
 
 @pytest.fixture(autouse=True)

@@ -79,7 +79,6 @@ def test_sigkill_and_sigterm_restarts_resume_bitwise(reference, data_dir, tmp_pa
     for i in range(5):
         run = start(i)
         check_resumed(run, i)
-        begin = run.last_step()
         if i == 0:
             _wait_then(run, lambda: rc.committed_steps(workdir) and run.last_step() >= 3, lambda: time.sleep(rnd.uniform(0, 0.3)), "step 3")
             kind = "SIGKILL after step 3 + random delay"

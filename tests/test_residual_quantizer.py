@@ -232,6 +232,7 @@ def test_rq_is_a_drop_in_for_unitok_mcq():
     assert jax.jit(rq.encode)(z).shape == jax.jit(mcq.encode)(z).shape
 
 
+@pytest.mark.slow
 def test_unitok_quantizer_type_switch_builds_the_rq_ablation():
     """`model.quantizer.type='rq'` is the paper's MCQ-vs-RQ ablation in one switch: same code width/count, trains
     (gradients reach the RQ codebooks and the encoder), decodes from indices; the official export refuses it."""

@@ -182,7 +182,7 @@ def test_codebook_usage_matches_official_fifo_semantics(case):
 
 
 def test_gradients(case):
-    arrays, grad_prefix, model = case["arrays"], case["grad"], case["model"]
+    arrays, grad_prefix = case["arrays"], case["grad"]
     by_key = case["by_key"]
     keys = [k for k in arrays if k.startswith(grad_prefix + "/")]
     assert len(keys) == (21 if case["name"] == "base" else 6)

@@ -67,6 +67,7 @@ def test_vitamin_xlarge_256_preset_has_the_timm_geometry():
     assert aux["sem_rec"].shape == (1, 256, 1152)
 
 
+@pytest.mark.slow
 def test_round_trip_teacher_and_student_loading_from_timm_weights(tmp_path):
     model = random_tokenflow(MICRO, seed=3)
     again = load_tokenflow(to_official_state_dict(model), MICRO)

@@ -2,11 +2,13 @@
 import numpy as np
 
 import jax
-import jax.numpy as jnp
 
 from train_helpers import micro_config
 from unitok_jax.parallel import sharding as shd
 from unitok_jax.train import trainer
+
+import pytest
+pytestmark = pytest.mark.slow  # trains or compiles train steps
 
 
 def _batch(config, seed=0):

@@ -12,6 +12,8 @@ from unitok_jax.config_lib import ConfigError
 from unitok_jax.train import trainer
 from unitok_jax.train.validation import validate_config
 
+pytestmark = pytest.mark.slow  # trains or compiles train steps
+
 
 @pytest.mark.slow
 def test_train_writes_outputs_and_resume_matches_uninterrupted_run(tmp_path, monkeypatch):

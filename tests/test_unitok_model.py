@@ -145,6 +145,7 @@ def test_bfloat16_compute(fx, fp32_run):
     np.testing.assert_allclose(np.linalg.norm(np.asarray(aux["clip_image_features"]), axis=-1), 1, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_scan_and_remat_reproduce_reference_gradients(fx):
     """scan_blocks=True + remat='full' on the fixture weights: same forward and same grads as the official model."""
     cfg, sd, arrays, images, ids = fx

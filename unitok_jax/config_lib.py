@@ -4,7 +4,6 @@ Validation runs before anything is compiled, so a bad config fails in seconds, n
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Iterable
 
 import ml_collections

@@ -17,7 +17,6 @@ import os
 import re
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

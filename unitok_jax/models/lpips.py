@@ -24,7 +24,7 @@ wrongly shaped keys raise a `ValueError` listing them.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
