@@ -14,6 +14,7 @@ bf16 matmuls in bf16 while the CPU backend may upcast them to f32 inside fusions
 estimate; they are usually a little pessimistic for TPU. LPIPS and DINOv2 weights are not needed: their abstract
 shapes are used. With `scan_blocks=True` compile time is independent of depth.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -30,11 +31,18 @@ _PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 64, "images per dev
 _REMAT = flags.DEFINE_list("remat", ["full", "none"], "model.remat settings to compile, in order")
 _VARIANT = flags.DEFINE_enum("variant", "gan", ["gan", "no_gan"], "which compiled step: with the GAN (G+D) or without")
 _SCAN = flags.DEFINE_bool("scan_blocks", None, "override model.scan_blocks (default: the config's)")
-_ACCUM = flags.DEFINE_integer("grad_accum_steps", None,
-                               "micro-batches per step (per-device micro-batch = batch / this); default: the config's")
-_ACCUM_MODE = flags.DEFINE_enum("grad_accum_mode", "full_batch", ["full_batch", "micro_batch"],
-                                 "full_batch: exact CLIP/adaptive weight (+1 forward); micro_batch: per micro-batch")
-_APPEND = flags.DEFINE_string("append_results", "", "append a markdown section to this file (e.g. benchmarks/RESULTS.md)")
+_ACCUM = flags.DEFINE_integer(
+    "grad_accum_steps", None, "micro-batches per step (per-device micro-batch = batch / this); default: the config's"
+)
+_ACCUM_MODE = flags.DEFINE_enum(
+    "grad_accum_mode",
+    "full_batch",
+    ["full_batch", "micro_batch"],
+    "full_batch: exact CLIP/adaptive weight (+1 forward); micro_batch: per micro-batch",
+)
+_APPEND = flags.DEFINE_string(
+    "append_results", "", "append a markdown section to this file (e.g. benchmarks/RESULTS.md)"
+)
 
 
 def _set_device_count(n: int) -> None:
@@ -43,7 +51,8 @@ def _set_device_count(n: int) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     flag = f"--xla_force_host_platform_device_count={n}"
     os.environ["XLA_FLAGS"] = " ".join(
-        [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f] + [flag])
+        [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f] + [flag]
+    )
 
 
 def main(_):
@@ -59,7 +68,9 @@ def main(_):
     if _ACCUM.value is not None:
         config.grad_accum_steps = _ACCUM.value
     config.grad_accum_mode = _ACCUM_MODE.value
-    config.grad_accum_unroll = False  # compile the accelerators' scan, not the CPU unrolling (trainer._grad_accum_unroll)
+    config.grad_accum_unroll = (
+        False  # compile the accelerators' scan, not the CPU unrolling (trainer._grad_accum_unroll)
+    )
     accum = int(config.get("grad_accum_steps", 1))
     rows = []
     for remat in _REMAT.value:
@@ -68,16 +79,21 @@ def main(_):
         row = aot.memory_summary(compiled)
         row.update(remat=remat, lower_s=lower_s, compile_s=compile_s, flops=aot.xla_flops(compiled))
         rows.append(row)
-        print(f"remat={remat:>13}: per device argument {row['argument']:.2f} GiB, output {row['output']:.2f}, "
-              f"alias {row['alias']:.2f}, temp {row['temp']:.2f}, total {row['total']:.2f} GiB; "
-              f"lower {lower_s:.0f}s compile {compile_s:.0f}s; XLA flops/device {row['flops']:.3g}", flush=True)
+        print(
+            f"remat={remat:>13}: per device argument {row['argument']:.2f} GiB, output {row['output']:.2f}, "
+            f"alias {row['alias']:.2f}, temp {row['temp']:.2f}, total {row['total']:.2f} GiB; "
+            f"lower {lower_s:.0f}s compile {compile_s:.0f}s; XLA flops/device {row['flops']:.3g}",
+            flush=True,
+        )
         del compiled
     mesh = dict(components.mesh.shape)
-    header = (f"{config.get('variant', '?')} config, model.scan_blocks={bool(config.model.scan_blocks)}, "
-              f"dtype={config.model.dtype}, step={_VARIANT.value}, mesh={mesh} ({n} fake CPU devices), "
-              f"global batch {config.global_batch_size} ({_PER_DEVICE_BATCH.value}/device"
-              f"{f' as {accum} micro-batches of {_PER_DEVICE_BATCH.value // accum}, {_ACCUM_MODE.value} accumulation' if accum > 1 else ''}), "
-              f"{config.model.image_size}px, {components.param_count / 1e6:.1f} M generator params")
+    header = (
+        f"{config.get('variant', '?')} config, model.scan_blocks={bool(config.model.scan_blocks)}, "
+        f"dtype={config.model.dtype}, step={_VARIANT.value}, mesh={mesh} ({n} fake CPU devices), "
+        f"global batch {config.global_batch_size} ({_PER_DEVICE_BATCH.value}/device"
+        f"{f' as {accum} micro-batches of {_PER_DEVICE_BATCH.value // accum}, {_ACCUM_MODE.value} accumulation' if accum > 1 else ''}), "
+        f"{config.model.image_size}px, {components.param_count / 1e6:.1f} M generator params"
+    )
     print(header)
     if _APPEND.value:
         lines = [
@@ -92,8 +108,10 @@ def main(_):
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
-            lines.append(f"| {r['remat']} | {r['argument']:.2f} | {r['output']:.2f} | {r['alias']:.2f} | {r['temp']:.2f} | "
-                         f"**{r['total']:.2f}** | {r['lower_s']:.0f} | {r['compile_s']:.0f} |")
+            lines.append(
+                f"| {r['remat']} | {r['argument']:.2f} | {r['output']:.2f} | {r['alias']:.2f} | {r['temp']:.2f} | "
+                f"**{r['total']:.2f}** | {r['lower_s']:.0f} | {r['compile_s']:.0f} |"
+            )
         with open(_APPEND.value, "a") as f:
             f.write("\n".join(lines) + "\n")
 

@@ -16,6 +16,7 @@ Per part: XLA's temp (activations and intermediates) and argument sizes, in GiB.
 (benchmarks/aot_memory.py) runs these one after another, so its temp is roughly the largest part plus the
 state, not their sum. Same caveats as aot_memory.py: the CPU compiler's buffer assignment is an estimate.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/unitok.py:paper", "
 _PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 64, "images per device")
 _REMAT = flags.DEFINE_string("remat", None, "override model.remat")
 _DTYPE = flags.DEFINE_string("dtype", None, "override model.dtype")
-_PARTS = flags.DEFINE_list("parts", ["tokenizer", "encoder", "decoder", "lpips", "gan_g", "disc_d", "text"],
-                          "parts to compile")
+_PARTS = flags.DEFINE_list(
+    "parts", ["tokenizer", "encoder", "decoder", "lpips", "gan_g", "disc_d", "text"], "parts to compile"
+)
 
 GiB = 2**30
 
@@ -68,12 +70,17 @@ def main(_):
         print(f"{name:>10}: temp {temp:7.2f} GiB, arguments {arg:6.2f} GiB", flush=True)
 
     if "tokenizer" in _PARTS.value:
+
         def tokenizer_loss(p, r, x):
             m = nnx.merge(graphdef, p, r, copy=True)
             rec, aux = forward(m, x, None, deterministic=False, rngs=nnx.Rngs(dropout=0))
             rec = rec.astype(jnp.float32)
-            return (0.2 * reconstruction.l1_loss(rec, x) + reconstruction.l2_loss(rec, x) + aux["vq_loss"]
-                    + jnp.sum(aux["clip_image_features"]) * 0.0)
+            return (
+                0.2 * reconstruction.l1_loss(rec, x)
+                + reconstruction.l2_loss(rec, x)
+                + aux["vq_loss"]
+                + jnp.sum(aux["clip_image_features"]) * 0.0
+            )
 
         report("tokenizer", *_compile(jax.grad(tokenizer_loss), params, rest, images))
 
@@ -115,11 +122,13 @@ def main(_):
             grad = jax.grad(lambda r, dp, dr, k: adversarial.generator_adversarial_loss(logits(dp, dr, r, k)))
             report("gan_g", *_compile(grad, images, d_params, d_rest, key))
         if "disc_d" in _PARTS.value:
+
             def d_loss(dp, dr, real, fake, k):
                 lr, lf = logits(dp, dr, real, k), logits(dp, dr, fake, k)
                 strong_r, strong_f = logits(dp, dr, real, k + 1), logits(dp, dr, fake, k + 1)
-                return (adversarial.hinge_discriminator_loss(lr, lf) + 4.0 * (
-                    adversarial.consistency_loss(strong_r, lr) + adversarial.consistency_loss(strong_f, lf)))
+                return adversarial.hinge_discriminator_loss(lr, lf) + 4.0 * (
+                    adversarial.consistency_loss(strong_r, lr) + adversarial.consistency_loss(strong_f, lf)
+                )
 
             report("disc_d", *_compile(jax.grad(d_loss), d_params, d_rest, images, images, key))
 
@@ -133,8 +142,10 @@ def main(_):
 
         report("text", *_compile(jax.grad(text_loss), text_params, text_rest, ids))
 
-    print(f"{config.get('variant', '?')} config, {b} images/device at {s}px, model.remat={config.model.remat}, "
-          f"model.dtype={config.model.dtype}, jax {jax.__version__}")
+    print(
+        f"{config.get('variant', '?')} config, {b} images/device at {s}px, model.remat={config.model.remat}, "
+        f"model.dtype={config.model.dtype}, jax {jax.__version__}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Time the train step of a config on the local devices (compile reported separately).
 
-    python benchmarks/step_time.py --config=configs/unitok.py:tiny [--steps=20] [--gan]
+python benchmarks/step_time.py --config=configs/unitok.py:tiny [--steps=20] [--gan]
 """
+
 from __future__ import annotations
 
 import time
@@ -28,8 +29,10 @@ def main(_):
     frozen = components.init_frozen()
     b, size, ctx = config.global_batch_size, config.data.image_size, config.data.context_length
     rng = np.random.default_rng(0)
-    local = {"image": rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32),
-             "text": rng.integers(1, 200, (b, ctx)).astype(np.int32)}
+    local = {
+        "image": rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32),
+        "text": rng.integers(1, 200, (b, ctx)).astype(np.int32),
+    }
     local["text"][:, -1] = 258
     batch = shd.to_global_batch(local, mesh)
     steps = trainer.jit_train_steps(components, jax.tree.map(lambda x: x.sharding, batch))
@@ -43,8 +46,10 @@ def main(_):
         state, metrics = fn(state, frozen, batch)
     jax.block_until_ready(metrics)
     per_step = (time.perf_counter() - t0) / _STEPS.value
-    print(f"devices={jax.device_count()} ({jax.devices()[0].platform}) batch={b} compile+first={compile_s:.1f}s "
-          f"step={per_step:.3f}s images/s={b / per_step:.1f} gan={_GAN.value}")
+    print(
+        f"devices={jax.device_count()} ({jax.devices()[0].platform}) batch={b} compile+first={compile_s:.1f}s "
+        f"step={per_step:.3f}s images/s={b / per_step:.1f} gan={_GAN.value}"
+    )
 
 
 if __name__ == "__main__":

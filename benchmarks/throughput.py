@@ -11,6 +11,7 @@ recompute); XLA's own per-device count (`cost_analysis`, includes recompute and 
 MFU uses the chip's dense bf16 peak (flops.PEAK_FLOPS); it is n/a on CPU. Pretrained frozen weights (LPIPS, DINOv2)
 are random when no path is configured: timing does not depend on their values.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -106,16 +107,20 @@ def main(_):
     dev = jax.devices()[0]
     kind = f"{n}x {dev.device_kind}" if dev.platform != "cpu" else f"{n} CPU device(s), {os.cpu_count()} cores"
     loss = float(np.asarray(metrics["train/loss/total"]))
-    print(f"{config.get('variant', '?')} ({'gan' if gan else 'no gan'}) on {kind}: batch {b} ({b // n}/device), "
-          f"compile {compile_s:.1f}s, step {step_s * 1e3:.1f} ms, {b / step_s / n:.2f} images/s/device, "
-          f"model {model_flops / b / 1e9:.2f} GFLOP/image -> {tflops_dev:.3f} TFLOP/s/device, "
-          f"MFU {'n/a' if not peak else f'{mfu:.1%}'}; XLA flops/device/step {xla_dev:.3g} "
-          f"(model {model_flops / n:.3g}); memory/device {mem['total']:.2f} GiB; loss {loss:.4f}")
+    print(
+        f"{config.get('variant', '?')} ({'gan' if gan else 'no gan'}) on {kind}: batch {b} ({b // n}/device), "
+        f"compile {compile_s:.1f}s, step {step_s * 1e3:.1f} ms, {b / step_s / n:.2f} images/s/device, "
+        f"model {model_flops / b / 1e9:.2f} GFLOP/image -> {tflops_dev:.3f} TFLOP/s/device, "
+        f"MFU {'n/a' if not peak else f'{mfu:.1%}'}; XLA flops/device/step {xla_dev:.3g} "
+        f"(model {model_flops / n:.3g}); memory/device {mem['total']:.2f} GiB; loss {loss:.4f}"
+    )
     if _APPEND.value:
-        row = (f"| {config.get('variant', '?')} | {'gan' if gan else 'no gan'} | {kind} | {b} | {compile_s:.1f} | "
-               f"{step_s * 1e3:.1f} | {b / step_s / n:.2f} | {tflops_dev:.3f} | {'n/a' if not peak else f'{mfu:.1%}'} | "
-               f"{platform.node() or 'host'}, jax {jax.__version__}, {datetime.date.today().isoformat()} | "
-               f"`python benchmarks/throughput.py {' '.join(sys.argv[1:])}` |")
+        row = (
+            f"| {config.get('variant', '?')} | {'gan' if gan else 'no gan'} | {kind} | {b} | {compile_s:.1f} | "
+            f"{step_s * 1e3:.1f} | {b / step_s / n:.2f} | {tflops_dev:.3f} | {'n/a' if not peak else f'{mfu:.1%}'} | "
+            f"{platform.node() or 'host'}, jax {jax.__version__}, {datetime.date.today().isoformat()} | "
+            f"`python benchmarks/throughput.py {' '.join(sys.argv[1:])}` |"
+        )
         with open(_APPEND.value, "a") as f:
             f.write(row + "\n")
 
@@ -126,6 +131,7 @@ if __name__ == "__main__":
             os.environ.setdefault("JAX_PLATFORMS", "cpu")
             os.environ["XLA_FLAGS"] = " ".join(
                 [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-                + [f"--xla_force_host_platform_device_count={int(arg.split('=', 1)[1])}"])
+                + [f"--xla_force_host_platform_device_count={int(arg.split('=', 1)[1])}"]
+            )
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     app.run(main)

@@ -10,6 +10,7 @@ Prints, over the first N eval images of the embedded dataset the checkpoint was 
     the 48 classes, scored against the image — the wording is then that of the training captions, so a gap between
     the two says whether the prompts or the features limit zero-shot.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,11 @@ def main() -> None:
     if config is None or config.data.name != "embedded":
         raise SystemExit(f"{args.checkpoint}: needs a checkpoint with a saved config trained on the embedded dataset")
     model, step = load_tokenizer(args.checkpoint, config)
-    tokenizer = text_tokenizer.build_tokenizer(config.data.tokenizer, context_length=int(config.data.context_length),
-                                               bpe_path=config.data.get("bpe_path") or None)
+    tokenizer = text_tokenizer.build_tokenizer(
+        config.data.tokenizer,
+        context_length=int(config.data.context_length),
+        bpe_path=config.data.get("bpe_path") or None,
+    )
     seed, size = int(config.data.embedded.get("seed", 0)), int(config.data.image_size)
     examples = [embedded.render_example(seed, "eval", i, size) for i in range(args.num_images)]
     images = jnp.asarray(np.stack([e[0] for e in examples]).astype(np.float32) / 127.5 - 1.0)
@@ -55,18 +59,23 @@ def main() -> None:
 
     def report(name: str, predicted: np.ndarray, mask=slice(None)) -> None:
         p, y = predicted[mask], labels[mask]
-        print(f"{name}: top-1 {np.mean(p == y):.3f} | colour right {np.mean(p // n_shapes == y // n_shapes):.3f} "
-              f"(chance {1 / len(embedded.COLORS):.3f}) | shape right {np.mean(p % n_shapes == y % n_shapes):.3f} "
-              f"(chance {1 / n_shapes:.3f}) | {len(y)} images")
+        print(
+            f"{name}: top-1 {np.mean(p == y):.3f} | colour right {np.mean(p // n_shapes == y // n_shapes):.3f} "
+            f"(chance {1 / len(embedded.COLORS):.3f}) | shape right {np.mean(p % n_shapes == y % n_shapes):.3f} "
+            f"(chance {1 / n_shapes:.3f}) | {len(y)} images"
+        )
 
     prompts = text_features([f"a {n}." for n in names])
     predicted = (image_features @ prompts.T).argmax(axis=1)
     print(f"checkpoint {args.checkpoint} (step {step}); class chance {1 / len(names):.4f}")
     report("prompt zero-shot", predicted)
     report("prompt zero-shot, single-object images", predicted, np.array([" and " not in c for c in captions]))
-    in_context = np.array([
-        int((image_features[i] @ text_features([c.replace(names[y], n, 1) for n in names]).T).argmax())
-        for i, (c, y) in enumerate(zip(captions, labels))])
+    in_context = np.array(
+        [
+            int((image_features[i] @ text_features([c.replace(names[y], n, 1) for n in names]).T).argmax())
+            for i, (c, y) in enumerate(zip(captions, labels))
+        ]
+    )
     report("in-context caption swap", in_context)
 
 

@@ -16,6 +16,7 @@ Official recipe (models/tokenflow.py TOKENFLOW_TRAIN_RECIPES): Adam(0.9, 0.95) l
 clip 1.0; L2 + LPIPS + VQ + commit(0.25) + cosine distillation; hinge PatchGAN weight 0.5 from step 20000,
 no adaptive weight; scale drop 0.1.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -47,16 +48,37 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model_name = "tokenflow"
     preset, recipe_name = _MODEL_AND_RECIPE[variant]
     c.model = ml_collections.ConfigDict(tokenflow_model_config(preset))
-    c.teacher_path = ""          # frozen distillation teacher (random, with a warning, when empty)
-    c.semantic_init_path = ""    # pretrained student semantic tower (fresh random init when empty)
+    c.teacher_path = ""  # frozen distillation teacher (random, with a warning, when empty)
+    c.semantic_init_path = ""  # pretrained student semantic tower (fresh random init when empty)
     c.eval.names = "recon"  # no text tower: zero-shot does not apply
     recipe = TOKENFLOW_TRAIN_RECIPES[recipe_name]
 
-    c.loss.update(dict(l1=0.0, l2=recipe["rec_weight"], vq=1.0, clip=0.0, distill=recipe["sem_distill_weight"],
-                       gan=recipe["disc_weight"], adaptive_gan_weight=False, gan_ramp=0.0, bcr=0.0))
+    c.loss.update(
+        dict(
+            l1=0.0,
+            l2=recipe["rec_weight"],
+            vq=1.0,
+            clip=0.0,
+            distill=recipe["sem_distill_weight"],
+            gan=recipe["disc_weight"],
+            adaptive_gan_weight=False,
+            gan_ramp=0.0,
+            bcr=0.0,
+        )
+    )
     for opt, prefix in ((c.optimizer, ""), (c.disc_optimizer, "disc_")):
-        opt.update(dict(lr=recipe[f"{prefix}learning_rate"], b1=recipe[f"{prefix}b1"], b2=recipe[f"{prefix}b2"], eps=1e-8,
-                        weight_decay=0.0, warmup=0.0, end_lr_ratio=1.0, clip_norm=recipe[f"{prefix}grad_clip_norm"]))
+        opt.update(
+            dict(
+                lr=recipe[f"{prefix}learning_rate"],
+                b1=recipe[f"{prefix}b1"],
+                b2=recipe[f"{prefix}b2"],
+                eps=1e-8,
+                weight_decay=0.0,
+                warmup=0.0,
+                end_lr_ratio=1.0,
+                clip_norm=recipe[f"{prefix}grad_clip_norm"],
+            )
+        )
     if variant == "tiny":
         c.total_steps = 200
         c.ckpt_every_steps = 100

@@ -17,6 +17,7 @@ Variants (select with `--config=configs/unitok.py:<variant>`, override any field
 Durations (`loss.gan_start`, `loss.gan_ramp`, `optimizer.warmup`, ...) are fractions of `total_steps` when
 <= 1.0 and numbers of steps otherwise.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -26,15 +27,25 @@ from unitok_jax.config_lib import parse_variant
 VARIANTS = ("tiny", "b16_single_gpu", "base", "paper")
 
 
-def _optimizer(lr: float, b1: float, b2: float, weight_decay: float, warmup: float, end_lr_ratio: float, clip_norm: float):
-    return ml_collections.ConfigDict(dict(
-        lr=lr, b1=b1, b2=b2, eps=1e-6, weight_decay=weight_decay,
-        # Official rule: no decay on params with ndim < 2 (biases, norms, logit_scale); every matrix, conv,
-        # codebook and embedding decays. The regex can exempt more (matched against 'a/b/kernel' paths).
-        wd_exclude="",
-        warmup=warmup, end_lr_ratio=end_lr_ratio, clip_norm=clip_norm,
-        groups=[],  # [(regex, {'lr_mult': 0.1}) or (regex, {'frozen': True})], first match wins
-    ))
+def _optimizer(
+    lr: float, b1: float, b2: float, weight_decay: float, warmup: float, end_lr_ratio: float, clip_norm: float
+):
+    return ml_collections.ConfigDict(
+        dict(
+            lr=lr,
+            b1=b1,
+            b2=b2,
+            eps=1e-6,
+            weight_decay=weight_decay,
+            # Official rule: no decay on params with ndim < 2 (biases, norms, logit_scale); every matrix, conv,
+            # codebook and embedding decays. The regex can exempt more (matched against 'a/b/kernel' paths).
+            wd_exclude="",
+            warmup=warmup,
+            end_lr_ratio=end_lr_ratio,
+            clip_norm=clip_norm,
+            groups=[],  # [(regex, {'lr_mult': 0.1}) or (regex, {'frozen': True})], first match wins
+        )
+    )
 
 
 def _tiny_model() -> ml_collections.ConfigDict:
@@ -44,19 +55,30 @@ def _tiny_model() -> ml_collections.ConfigDict:
 
     model = ml_collections.ConfigDict(model_config("tiny"))
     model.image_size = 64
-    model.encoder.update(dict(stem_width=16, stage_widths=(16, 32), stage_depths=(1, 2), vit_width=64, vit_depth=2, vit_heads=4))
+    model.encoder.update(
+        dict(stem_width=16, stage_widths=(16, 32), stage_depths=(1, 2), vit_width=64, vit_depth=2, vit_heads=4)
+    )
     model.quant_proj.update(dict(in_dim=64, out_dim=16, heads=4))
     model.quantizer.update(dict(num_codebooks=4, codebook_size=64, codebook_dim=4))
     model.post_quant_proj.update(dict(in_dim=16, out_dim=64, heads=4))
-    model.decoder.update(dict(vit_width=64, vit_depth=2, vit_heads=4, channel_table=(64, 32, 16), inv_mbconv_depths=(2, 1),
-                              mbconv_expand_ratio=2))
+    model.decoder.update(
+        dict(
+            vit_width=64,
+            vit_depth=2,
+            vit_heads=4,
+            channel_table=(64, 32, 16),
+            inv_mbconv_depths=(2, 1),
+            mbconv_expand_ratio=2,
+        )
+    )
     model.clip.embed_dim = 32
     # Byte tokens: the embedded captions are up to ~163 bytes. 160 keeps 99.9% of them whole (the official 77 BPE
     # tokens never truncate them either). At 32 only "a <size> <colour> <shape> in the" survived: the main object's
     # colour/shape, which the tiny image tower cannot learn to see in this run, while the easily seen background
     # was cut off, so CLIP sat at ln(batch) with collapsed features.
-    model.text = ml_collections.ConfigDict(dict(
-        width=64, layers=2, heads=4, context_length=160, vocab_size=259, causal=True, pool="argmax_eot"))
+    model.text = ml_collections.ConfigDict(
+        dict(width=64, layers=2, heads=4, context_length=160, vocab_size=259, causal=True, pool="argmax_eot")
+    )
     return model
 
 
@@ -84,9 +106,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # with exit code 75 so the supervisor restarts it; start-up/compilation/evals get startup_timeout_s).
     c.checkpoint_timeout_secs = 1200
     c.device_memory_limit_gib = 0.0
-    c.watchdog = ml_collections.ConfigDict(dict(enabled=True, factor=20.0, min_timeout_s=600.0, startup_timeout_s=3600.0))
-    c.resume_from = ""   # explicit checkpoint dir used when the workdir has none
-    c.init_from = ""     # params-only initialisation (fine-tuning)
+    c.watchdog = ml_collections.ConfigDict(
+        dict(enabled=True, factor=20.0, min_timeout_s=600.0, startup_timeout_s=3600.0)
+    )
+    c.resume_from = ""  # explicit checkpoint dir used when the workdir has none
+    c.init_from = ""  # params-only initialisation (fine-tuning)
     c.global_batch_size = 32
     c.grad_accum_steps = 1  # k > 1: each step sums the gradients of k micro-batches (1/k of the activation memory)
     # 'full_batch': exact full-batch CLIP negatives and adaptive GAN weight, one extra forward (train.full_batch_accum);
@@ -102,15 +126,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     from unitok_jax.evals.config import default_eval_config
 
     c.eval = default_eval_config()  # evals inside training: every_steps (0 = off), names, fid/zeroshot paths
-    c.loss = ml_collections.ConfigDict(dict(
-        l1=0.2, l2=1.0, lpips=0.0, lpips_path="", vq=1.0, clip=1.0,
-        gan=0.4, gan_start=0.375, gan_ramp=0.03, adaptive_gan_weight=True, adaptive_clamp=(0.015, 1e4),
-        bcr=4.0, bcr_cutout=0.2,
-        diffaug=ml_collections.ConfigDict(dict(translation=0.125, color=True, cutout=0.2, blur=False)),
-    ))
+    c.loss = ml_collections.ConfigDict(
+        dict(
+            l1=0.2,
+            l2=1.0,
+            lpips=0.0,
+            lpips_path="",
+            vq=1.0,
+            clip=1.0,
+            gan=0.4,
+            gan_start=0.375,
+            gan_ramp=0.03,
+            adaptive_gan_weight=True,
+            adaptive_clamp=(0.015, 1e4),
+            bcr=4.0,
+            bcr_cutout=0.2,
+            diffaug=ml_collections.ConfigDict(dict(translation=0.125, color=True, cutout=0.2, blur=False)),
+        )
+    )
     c.discriminator = ml_collections.ConfigDict(dict(name="patch", width=32, num_layers=3, dino_path="", dino_depth=12))
     c.optimizer = _optimizer(lr=5e-4, b1=0.9, b2=0.95, weight_decay=0.02, warmup=0.01, end_lr_ratio=0.1, clip_norm=10.0)
-    c.disc_optimizer = _optimizer(lr=2e-5, b1=0.5, b2=0.9, weight_decay=0.2, warmup=0.03, end_lr_ratio=0.1, clip_norm=10.0)
+    c.disc_optimizer = _optimizer(
+        lr=2e-5, b1=0.5, b2=0.9, weight_decay=0.2, warmup=0.03, end_lr_ratio=0.1, clip_norm=10.0
+    )
 
     if variant == "tiny":
         c.model = _tiny_model()
@@ -147,7 +185,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.tokenizer = "clip_bpe"
         c.data.context_length = 77
         c.loss.lpips = 1.0
-        c.discriminator = ml_collections.ConfigDict(dict(name="dino", width=384, num_layers=0, dino_path="", dino_depth=12))
+        c.discriminator = ml_collections.ConfigDict(
+            dict(name="dino", width=384, num_layers=0, dino_path="", dino_depth=12)
+        )
         c.image_every_steps = 2000
         c.log_every_steps = 50
         if variant == "paper":
@@ -164,5 +204,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.global_batch_size = 64 if variant == "b16_single_gpu" else 4096
             c.total_steps = 100_000
             c.ckpt_every_steps = 2000
-            c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="data_parallel" if variant == "b16_single_gpu" else "fsdp"))
+            c.mesh = ml_collections.ConfigDict(
+                dict(data=-1, fsdp=1, tensor=1, rules="data_parallel" if variant == "b16_single_gpu" else "fsdp")
+            )
     return c

@@ -12,6 +12,7 @@ jax[tpu]) and is checked by compiling for a deviceless TPU topology (no TPU need
 not next to a running job on a TPU VM). Each check runs in a child process. Exit code 0: all known; 1: an unknown
 flag (named on stderr); 2: could not check.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices, set before JAX initialises, and absl flags marked parsed (Grain workers need it)."""
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

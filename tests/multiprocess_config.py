@@ -8,6 +8,7 @@ augmentations, and a multi-process global batch holds the same examples in a dif
 on the runs would differ by more than summation order). The mesh is FSDP over all devices (data=2, fsdp=-1), so
 the test exercises sharded params, the cross-host contrastive all-gather and multi-host Orbax saves.
 """
+
 from __future__ import annotations
 
 import pathlib

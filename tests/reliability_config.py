@@ -7,6 +7,7 @@
 `tests/train_helpers.micro_config` (a few-second compile); the data dir should be set with
 `--config.data.data_dir` (the embedded dataset is generated there on first use).
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -58,7 +59,9 @@ def subprocess_env() -> dict:
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     env["XLA_FLAGS"] = " ".join(flags)
     env["JAX_PLATFORMS"] = "cpu"
-    cache = env.get("UNITOK_TEST_COMPILE_CACHE") or os.path.join(tempfile.gettempdir(), f"unitok_jax_test_jax_cache_{os.getuid()}")
+    cache = env.get("UNITOK_TEST_COMPILE_CACHE") or os.path.join(
+        tempfile.gettempdir(), f"unitok_jax_test_jax_cache_{os.getuid()}"
+    )
     env["JAX_COMPILATION_CACHE_DIR"] = cache
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
@@ -67,8 +70,13 @@ def subprocess_env() -> dict:
 
 
 def train_args(workdir, data_dir, *overrides: str, variant: str = "gan") -> list[str]:
-    return [f"--config={CONFIG_PATH}:{variant}", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-            f"--config.total_steps={TOTAL_STEPS}", *overrides]
+    return [
+        f"--config={CONFIG_PATH}:{variant}",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        f"--config.total_steps={TOTAL_STEPS}",
+        *overrides,
+    ]
 
 
 # `python -c DRIVER <main's flags>`: `python -m unitok_jax.main` with test-only patches chosen by env variables.
@@ -129,8 +137,13 @@ class Run:
         self.stdout_path, self.stderr_path = f"{log_prefix}.stdout", f"{log_prefix}.stderr"
         self._out, self._err = open(self.stdout_path, "w"), open(self.stderr_path, "w")
         head = ["-c", python_code] if python_code else MAIN
-        self.proc = subprocess.Popen([_sys.executable, *head, *args], cwd=REPO, env={**subprocess_env(), **(env or {})},
-                                     stdout=self._out, stderr=self._err)
+        self.proc = subprocess.Popen(
+            [_sys.executable, *head, *args],
+            cwd=REPO,
+            env={**subprocess_env(), **(env or {})},
+            stdout=self._out,
+            stderr=self._err,
+        )
         self.started = time.time()
 
     def stdout(self) -> str:
@@ -173,8 +186,9 @@ def committed_steps(workdir) -> list[int]:
     root = os.path.join(str(workdir), "checkpoints")
     if not os.path.isdir(root):
         return []
-    return sorted(int(d) for d in os.listdir(root)
-                  if d.isdigit() and os.path.exists(os.path.join(root, d, "commit_success.txt")))
+    return sorted(
+        int(d) for d in os.listdir(root) if d.isdigit() and os.path.exists(os.path.join(root, d, "commit_success.txt"))
+    )
 
 
 def in_flight_saves(workdir) -> list[str]:
@@ -208,5 +222,10 @@ def build_data(data_dir) -> None:
 
     c = get_config()
     e = c.data.embedded
-    embedded.build_embedded_dataset(str(data_dir), num_train=int(e.num_train), num_eval=int(e.num_eval),
-                                    image_size=int(e.image_size), seed=int(e.seed))
+    embedded.build_embedded_dataset(
+        str(data_dir),
+        num_train=int(e.num_train),
+        num_eval=int(e.num_eval),
+        image_size=int(e.image_size),
+        seed=int(e.seed),
+    )

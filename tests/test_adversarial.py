@@ -1,4 +1,5 @@
 """GAN loss pieces: hinge values, ramp, and the adaptive weight's last-layer gradient shortcut."""
+
 import numpy as np
 
 import jax
@@ -10,9 +11,13 @@ from unitok_jax.losses import adversarial
 def test_hinge_losses():
     real = jnp.array([2.0, 0.5, -1.0])
     fake = jnp.array([-2.0, 0.0, 1.0])
-    expected = np.mean(np.maximum(0, 1 - np.array([2.0, 0.5, -1.0]))) + np.mean(np.maximum(0, 1 + np.array([-2.0, 0.0, 1.0])))
+    expected = np.mean(np.maximum(0, 1 - np.array([2.0, 0.5, -1.0]))) + np.mean(
+        np.maximum(0, 1 + np.array([-2.0, 0.0, 1.0]))
+    )
     np.testing.assert_allclose(float(adversarial.hinge_discriminator_loss(real, fake)), expected, rtol=1e-6)
-    np.testing.assert_allclose(float(adversarial.generator_adversarial_loss(fake)), -np.mean([-2.0, 0.0, 1.0]), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(adversarial.generator_adversarial_loss(fake)), -np.mean([-2.0, 0.0, 1.0]), rtol=1e-6
+    )
 
 
 def test_gan_ramp_is_delayed_and_linear():
@@ -38,8 +43,9 @@ def test_conv_kernel_gradient_equals_full_autodiff():
     pad = ((1, 1), (1, 1))
 
     def forward(k):
-        return jax.lax.conv_general_dilated(x, k, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                            precision=jax.lax.Precision.HIGHEST)
+        return jax.lax.conv_general_dilated(
+            x, k, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST
+        )
 
     loss = lambda out: jnp.mean(jnp.abs(out - target)) + jnp.mean(jnp.square(out))  # noqa: E731
     full = jax.grad(lambda k: loss(forward(k)))(kernel)

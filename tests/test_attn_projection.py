@@ -1,4 +1,5 @@
 """AttnProjection: shapes, head pooling (mean vs concat) against a NumPy reference, causal masking, validation."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +51,9 @@ def _perturb(m, seed):
     nnx.update(m, jax.tree.map(lambda v: v + 0.1 * rng.standard_normal(v.shape).astype(np.float32), state))
 
 
-@pytest.mark.parametrize("in_dim,out_dim,heads,mode", [(128, 16, 8, "mean"), (16, 128, 8, "concat"), (64, 8, 8, "mean")])
+@pytest.mark.parametrize(
+    "in_dim,out_dim,heads,mode", [(128, 16, 8, "mean"), (16, 128, 8, "concat"), (64, 8, 8, "mean")]
+)
 def test_matches_numpy_reference(in_dim, out_dim, heads, mode):
     m = AttnProjection(in_dim, out_dim, heads, head_reduction=mode, rngs=nnx.Rngs(0))
     _perturb(m, 1)

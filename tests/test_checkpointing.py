@@ -1,4 +1,5 @@
 """Params-only restore (`init_from`, tools, tests) works across device topologies and reads only `params`."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +13,10 @@ def _save_sharded_state(directory):
     """A state saved from an 8-device mesh, params sharded over all devices (as an FSDP run writes them)."""
     mesh = jax.make_mesh((8,), ("fsdp",))
     sharded = NamedSharding(mesh, P("fsdp"))
-    params = {"enc": {"w": jax.device_put(jnp.arange(32.0).reshape(16, 2), sharded)},
-              "dec": {"b": jax.device_put(jnp.ones((8,), jnp.bfloat16), sharded)}}
+    params = {
+        "enc": {"w": jax.device_put(jnp.arange(32.0).reshape(16, 2), sharded)},
+        "dec": {"b": jax.device_put(jnp.ones((8,), jnp.bfloat16), sharded)},
+    }
     state = {"params": params, "opt_state": {"mu": jax.device_put(jnp.zeros((16, 2)), sharded)}, "step": jnp.int32(3)}
     ckpt = Checkpointer(str(directory), async_save=False)
     ckpt.save(3, state, force=True)
@@ -49,7 +52,9 @@ def test_restore_params_only_names_the_problem(tmp_path):
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), want)
     abstract["enc"]["w"] = jax.ShapeDtypeStruct((16, 3), jnp.float32, sharding=device)
     abstract["extra"] = {"k": jax.ShapeDtypeStruct((2,), jnp.float32, sharding=device)}
-    with pytest.raises(RestoreError, match=r"1 param\(s\) not in the checkpoint: extra/k; shape mismatch: enc/w \(16, 2\)"):
+    with pytest.raises(
+        RestoreError, match=r"1 param\(s\) not in the checkpoint: extra/k; shape mismatch: enc/w \(16, 2\)"
+    ):
         restore_params_only(str(tmp_path), abstract)
 
 

@@ -18,6 +18,7 @@ The real vocabulary file (bpe_simple_vocab_16e6.txt.gz) is not available, so the
 * `test_bpe_merging_on_small_vocab`: the merge algorithm on a small hand-written vocab file in the real format,
   against hand-derived expected segmentations (rank order, left-to-right merging, '</w>', caching, specials).
 """
+
 import gzip
 import json
 
@@ -56,8 +57,11 @@ def byte_encode(text):
 
 
 def test_normalisation_matches_fixture(cases):
-    bad = [(c["name"], cb.clean_text(c["text"]), c["cleaned_lowercased"]) for c in cases["cases"]
-           if cb.clean_text(c["text"]) != c["cleaned_lowercased"]]
+    bad = [
+        (c["name"], cb.clean_text(c["text"]), c["cleaned_lowercased"])
+        for c in cases["cases"]
+        if cb.clean_text(c["text"]) != c["cleaned_lowercased"]
+    ]
     assert not bad, bad
     assert cb.clean_text("fish &amp;amp; chips") == "fish & chips"
 
@@ -136,15 +140,15 @@ def _write_vocab(path, merges):
 
 def test_bpe_merging_on_small_vocab(tmp_path):
     merges = [
-        ("a", "a"),        # rank 0
-        ("t", "h"),        # 1
-        ("th", "e</w>"),   # 2 -> "the</w>"
-        ("h", "e"),        # 3 (loses to t h in "the")
-        ("c", "a"),        # 4
-        ("ca", "t</w>"),   # 5 -> "cat</w>"
-        ("aa", "a</w>"),   # 6
-        ("aa", "aa"),      # 7
-        ("e", "r</w>"),    # 8
+        ("a", "a"),  # rank 0
+        ("t", "h"),  # 1
+        ("th", "e</w>"),  # 2 -> "the</w>"
+        ("h", "e"),  # 3 (loses to t h in "the")
+        ("c", "a"),  # 4
+        ("ca", "t</w>"),  # 5 -> "cat</w>"
+        ("aa", "a</w>"),  # 6
+        ("aa", "aa"),  # 7
+        ("e", "r</w>"),  # 8
     ]
     path = tmp_path / "small_vocab.txt.gz"
     _write_vocab(path, merges)
@@ -184,4 +188,3 @@ def test_loader_errors(tmp_path):
         cb.ClipBpeTokenizer(str(bad))
     with pytest.raises(ValueError, match="context_length"):
         cb.ClipBpeTokenizer(str(bad), context_length=1)
-

@@ -1,4 +1,5 @@
 """Codebook usage: counting (host and jit), usage / official usage / perplexity, streaming and process merge."""
+
 import jax
 import numpy as np
 import pytest
@@ -17,7 +18,9 @@ def test_counts_host_and_device_agree():
     dev = jax.jit(lambda x: cb.batch_code_counts(x, 3, 16))(idx)
     np.testing.assert_array_equal(np.asarray(dev), ref)
     # Codebook-last layout and a single shared codebook (TokenFlow).
-    np.testing.assert_array_equal(np.asarray(cb.batch_code_counts(np.moveaxis(idx, 1, -1), 3, 16, codebook_axis=-1)), ref)
+    np.testing.assert_array_equal(
+        np.asarray(cb.batch_code_counts(np.moveaxis(idx, 1, -1), 3, 16, codebook_axis=-1)), ref
+    )
     single = cb.CodebookUsage(1, 16, codebook_axis=None)
     single.update(idx)
     np.testing.assert_array_equal(single.counts[0], ref.sum(0))
@@ -55,8 +58,15 @@ def test_summary_values():
     c[0, 0], c[0, 1] = 1_000_000, 1
     s = cb.codebook_summary(c)
     assert s["usage"] == 0.2 and s["usage_official"] == 0.1
-    assert set(s) == {"usage", "usage_official", "perplexity", "num_tokens", "usage/cb0", "usage_official/cb0",
-                      "perplexity/cb0"}
+    assert set(s) == {
+        "usage",
+        "usage_official",
+        "perplexity",
+        "num_tokens",
+        "usage/cb0",
+        "usage_official/cb0",
+        "perplexity/cb0",
+    }
 
 
 def test_empty_codebook():

@@ -1,4 +1,5 @@
 """The global-batch CLIP loss computed sharded (shard_map over 8 devices) equals the single-device definition."""
+
 import numpy as np
 import pytest
 
@@ -29,7 +30,9 @@ def test_reference_matches_numpy_definition():
     np.testing.assert_allclose(float(clip_loss_reference(img, txt, scale)), expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("mesh_shape", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1), dict(data=2, fsdp=2, tensor=2)])
+@pytest.mark.parametrize(
+    "mesh_shape", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1), dict(data=2, fsdp=2, tensor=2)]
+)
 def test_sharded_equals_reference_value_and_gradients(mesh_shape):
     mesh = create_mesh(mesh_shape)
     batch = 16

@@ -1,5 +1,6 @@
 """Official TokenFlow state dict <-> unitok_jax TokenFlow: round trip, strictness, error messages, teacher loading.
 (Numerical parity of the loaded model is in test_tokenflow_parity.py.)"""
+
 import copy
 import json
 
@@ -20,7 +21,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def fx(fixtures_dir):
     data = np.load(fixtures_dir / "tokenflow_tiny.npz")
     meta = json.loads((fixtures_dir / "tokenflow_tiny.json").read_text())
-    sd = {k[len("param/"):]: data[k] for k in data.files if k.startswith("param/")}
+    sd = {k[len("param/") :]: data[k] for k in data.files if k.startswith("param/")}
     return sd, meta
 
 
@@ -45,10 +46,14 @@ def test_round_trip_is_exact(fx, loaded):
 
 def test_layouts(fx, loaded):
     sd, _ = fx
-    np.testing.assert_array_equal(loaded.encoder_vqkd.resblocks[0].attn.in_proj.kernel[...],
-                                  sd["encoder_vqkd.transformer.resblocks.0.attn.in_proj_weight"].T)
-    np.testing.assert_array_equal(loaded.encoder.conv_blocks[2].downsample.conv.kernel[...],
-                                  sd["encoder.conv_blocks.2.downsample.conv.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        loaded.encoder_vqkd.resblocks[0].attn.in_proj.kernel[...],
+        sd["encoder_vqkd.transformer.resblocks.0.attn.in_proj_weight"].T,
+    )
+    np.testing.assert_array_equal(
+        loaded.encoder.conv_blocks[2].downsample.conv.kernel[...],
+        sd["encoder.conv_blocks.2.downsample.conv.weight"].transpose(2, 3, 1, 0),
+    )
     np.testing.assert_array_equal(loaded.quantize.quantizer.embedding_pix[...], sd["quantize.embedding_vqgan.weight"])
     np.testing.assert_array_equal(loaded.decoder_vqkd.pos_embed[...], sd["decoder_vqkd.pos_embed"])
     np.testing.assert_array_equal(loaded.encode_task_layer.fc2.bias[...], sd["encode_task_layer.2.bias"])
@@ -57,8 +62,12 @@ def test_layouts(fx, loaded):
 def test_checkpoint_wrappers(fx, loaded):
     sd, meta = fx
     garbage = {"nothing": np.zeros(1)}
-    for wrapped in ({"model": sd, "optimizer": {}}, {"ema": sd, "model": garbage}, {"state_dict": sd},
-                    {"module." + k: v for k, v in sd.items()}):
+    for wrapped in (
+        {"model": sd, "optimizer": {}},
+        {"ema": sd, "model": garbage},
+        {"state_dict": sd},
+        {"module." + k: v for k, v in sd.items()},
+    ):
         m = load_tokenflow(wrapped, meta["model_config"])
         np.testing.assert_array_equal(m.decoder.conv_out.kernel[...], loaded.decoder.conv_out.kernel[...])
     # the usage FIFO is ignored whatever it holds
@@ -89,9 +98,19 @@ def test_missing_unexpected_and_shape_errors(fx):
 
 
 SIGLIP_MICRO = {
-    "image_size": 32, "scales": [1, 2, 4], "pixel_image_size": None,
-    "semantic_encoder": {"kind": "siglip_vit", "input_resolution": 32, "patch_size": 8, "width": 32, "layers": 3,
-                         "heads": 2, "mlp_dim": 48, "input_scaling": "siglip"},
+    "image_size": 32,
+    "scales": [1, 2, 4],
+    "pixel_image_size": None,
+    "semantic_encoder": {
+        "kind": "siglip_vit",
+        "input_resolution": 32,
+        "patch_size": 8,
+        "width": 32,
+        "layers": 3,
+        "heads": 2,
+        "mlp_dim": 48,
+        "input_scaling": "siglip",
+    },
     "encode_task_layer": {"hidden": 32, "out": 8},
     "pixel_encoder": {"ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "z_channels": 32},
     "quantizer": {"codebook_size": 16, "semantic_dim": 8, "pixel_dim": 4},
@@ -117,8 +136,12 @@ def test_siglip_keys_pack_qkv_and_ignore_unused_tail():
     full[p + "embeddings.position_ids"] = np.arange(16)[None]
     full["scaling_layer.shift"] = np.zeros((1, 3, 1, 1), np.float32)
     m2 = load_tokenflow(full, SIGLIP_MICRO)
-    for path in (("resblocks", 1, "attn", "in_proj", "kernel"), ("resblocks", 0, "attn", "in_proj", "bias"),
-                 ("positional_embedding",), ("conv1", "bias")):
+    for path in (
+        ("resblocks", 1, "attn", "in_proj", "kernel"),
+        ("resblocks", 0, "attn", "in_proj", "bias"),
+        ("positional_embedding",),
+        ("conv1", "bias"),
+    ):
         a, b = m.encoder_vqkd, m2.encoder_vqkd
         for step in path:
             a, b = (a[step], b[step]) if isinstance(step, int) else (getattr(a, step), getattr(b, step))
@@ -132,7 +155,7 @@ def test_teacher_from_npz_matches_student_tower(fx, loaded, tmp_path):
     """An OpenAI-CLIP-layout teacher (`visual.*` + `proj`) loads from .npz; its tokens are ln_post(x)[:, 1:] @ proj."""
     sd, _ = fx
     proj = np.random.default_rng(0).normal(size=(64, 48)).astype(np.float32) / 8
-    teacher_sd = {"visual." + k[len("encoder_vqkd."):]: v for k, v in sd.items() if k.startswith("encoder_vqkd.")}
+    teacher_sd = {"visual." + k[len("encoder_vqkd.") :]: v for k, v in sd.items() if k.startswith("encoder_vqkd.")}
     teacher_sd["visual.proj"] = proj
     teacher_sd["logit_scale"] = np.zeros(())  # text-side keys of a full CLIP checkpoint are ignored
     path = tmp_path / "clip_teacher.npz"

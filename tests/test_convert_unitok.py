@@ -1,5 +1,6 @@
 """Official UniTok checkpoint converter: full key coverage of the 820M model (abstractly), parameter counts,
 lossless round trips, config resolution and clear errors."""
+
 import json
 
 import jax
@@ -35,7 +36,7 @@ def _read_key_list(path):
 def tiny(fixtures_dir):
     meta = json.loads((fixtures_dir / "unitok_tiny.json").read_text())
     npz = np.load(fixtures_dir / "unitok_tiny.npz")
-    sd = {k[len("param/"):]: npz[k] for k in npz.files if k.startswith("param/")}
+    sd = {k[len("param/") :]: npz[k] for k in npz.files if k.startswith("param/")}
     return meta["model_config"], sd
 
 
@@ -117,13 +118,21 @@ def test_params_state_has_model_structure(tiny):
     for (p1, a), (p2, b) in zip(nnx.to_flat_state(params), nnx.to_flat_state(ref)):
         assert p1 == p2 and a.get_value().shape == b.get_value().shape and a.get_value().dtype == np.float32
     # Linear (out, in) → kernel (in, out); conv (O, I, kh, kw) → (kh, kw, I, O); depthwise (C,1,3,3) → (3,3,1,C).
-    np.testing.assert_array_equal(params["quant_proj"]["attn"]["qkv"]["kernel"].get_value(), sd["quant_proj.attn.qkv.weight"].T)
-    np.testing.assert_array_equal(params["encoder"]["stem"]["conv1"]["kernel"].get_value(),
-                                  sd["encoder.patch_embed.backbone.stem.conv1.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        params["quant_proj"]["attn"]["qkv"]["kernel"].get_value(), sd["quant_proj.attn.qkv.weight"].T
+    )
+    np.testing.assert_array_equal(
+        params["encoder"]["stem"]["conv1"]["kernel"].get_value(),
+        sd["encoder.patch_embed.backbone.stem.conv1.weight"].transpose(2, 3, 1, 0),
+    )
     dw = params["encoder"]["stages"][1][0]["conv2_kxk"]["kernel"].get_value()
     assert dw.shape == (3, 3, 1, 256)
-    np.testing.assert_array_equal(params["text_encoder"]["text_projection"].get_value(), sd["text_encoder.text_projection"])
-    np.testing.assert_array_equal(params["quantizer"]["codebooks"].get_value()[2], sd["quantizer.codebooks.2.codebook.weight"])
+    np.testing.assert_array_equal(
+        params["text_encoder"]["text_projection"].get_value(), sd["text_encoder.text_projection"]
+    )
+    np.testing.assert_array_equal(
+        params["quantizer"]["codebooks"].get_value()[2], sd["quantizer.codebooks.2.codebook.weight"]
+    )
 
 
 def test_clear_errors(tiny):
@@ -146,8 +155,13 @@ def test_clear_errors(tiny):
     with pytest.raises(ValueError, match=r"shape mismatch for quantizer\.codebooks\.0\.vocab_usage"):
         unitok_params_from_state_dict(bad_buffer, model)
     # Ignored buffers: non-persistent causal mask and (non-zero) usage EMA are accepted.
-    ok = dict(sd, **{"text_encoder.attn_mask": np.zeros((77, 77), np.float32),
-                     "quantizer.codebooks.1.vocab_usage": np.full((64,), 1 / 64, np.float32)})
+    ok = dict(
+        sd,
+        **{
+            "text_encoder.attn_mask": np.zeros((77, 77), np.float32),
+            "quantizer.codebooks.1.vocab_usage": np.full((64,), 1 / 64, np.float32),
+        },
+    )
     unitok_params_from_state_dict(ok, model)
     with pytest.raises(ValueError, match="cannot infer the UniTok config from encoder width 128"):
         load_unitok(sd)
@@ -160,12 +174,26 @@ def test_config_resolution(tiny):
     assert m.config.quantizer.codebook_size == 64
     # Preset inference from shapes on a zero-memory fake of the released state dict.
     large = model_config("vitamin_large")
-    shapes = official_key_shapes(build_abstract(large, ))
+    shapes = official_key_shapes(
+        build_abstract(
+            large,
+        )
+    )
     inferred = official._config_from_shapes(_fake_state_dict(shapes))
     assert normalize_config(inferred).to_dict() == large.to_dict()
-    args = {"model": "vitamin_large", "vocab_size": 32768, "num_codebooks": 8, "vocab_width": 64, "embed_dim": 768,
-            "img_size": 256, "text_width": 768, "text_heads": 12, "text_layers": 12, "text_vocab_size": 49408,
-            "text_context_length": 77}
+    args = {
+        "model": "vitamin_large",
+        "vocab_size": 32768,
+        "num_codebooks": 8,
+        "vocab_width": 64,
+        "embed_dim": 768,
+        "img_size": 256,
+        "text_width": 768,
+        "text_heads": 12,
+        "text_layers": 12,
+        "text_vocab_size": 49408,
+        "text_context_length": 77,
+    }
     assert normalize_config(official._config_from_args(args)).to_dict() == large.to_dict()
     base = model_config("vitamin_base")
     inferred = official._config_from_shapes(_fake_state_dict(official_key_shapes(build_abstract(base))))

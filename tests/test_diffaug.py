@@ -3,6 +3,7 @@
 There is no PyTorch fixture for DiffAug (it is random); these tests check each op against its definition
 (spec §3 / StyleGAN-T diffaug) with numpy references.
 """
+
 import math
 
 import numpy as np
@@ -26,7 +27,9 @@ def _np_shift(img, dy, dx):
     """out[i, j] = img[i + dy, j + dx], zero outside."""
     h, w = img.shape[:2]
     out = np.zeros_like(img)
-    out[max(0, -dy):min(h, h - dy), max(0, -dx):min(w, w - dx)] = img[max(0, dy):min(h, h + dy), max(0, dx):min(w, w + dx)]
+    out[max(0, -dy) : min(h, h - dy), max(0, -dx) : min(w, w - dx)] = img[
+        max(0, dy) : min(h, h + dy), max(0, dx) : min(w, w + dx)
+    ]
     return out
 
 
@@ -49,8 +52,12 @@ def test_translation_is_integer_shift_with_zero_fill():
     d = round(16 * 0.125)
     shifts = []
     for b in range(16):
-        found = [(dy, dx) for dy in range(-d, d + 1) for dx in range(-d, d + 1)
-                 if np.array_equal(_np_shift(x[b], dy, dx), y[b])]
+        found = [
+            (dy, dx)
+            for dy in range(-d, d + 1)
+            for dx in range(-d, d + 1)
+            if np.array_equal(_np_shift(x[b], dy, dx), y[b])
+        ]
         assert len(found) == 1, f"sample {b} is not a unique integer shift within +-{d}"
         shifts.append(found[0])
     assert any(s != (0, 0) for s in shifts), "translation never moved anything"

@@ -10,6 +10,7 @@ What is checked (no pretrained weights exist here, so nothing is compared agains
   GroupNorm = numpy reference of torch.nn.GroupNorm; xavier-normal(gain 0.5) init statistics.
 - Discriminators: output shapes, preprocessing (crop vs area coin flip), trainable/frozen separation, registry errors.
 """
+
 import math
 
 import numpy as np
@@ -28,8 +29,13 @@ SMALL = dinov2.DinoV2Config(patch_size=4, dim=64, depth=3, heads=2, pretrain_gri
 
 
 def _tiny_dino_cfg():
-    return dinov2.DinoV2Config(patch_size=TINY_DINO["patch_size"], dim=TINY_DINO["width"], depth=TINY_DINO["dino_depth"],
-                               heads=TINY_DINO["dino_heads"], pretrain_grid=TINY_DINO["pretrain_grid"])
+    return dinov2.DinoV2Config(
+        patch_size=TINY_DINO["patch_size"],
+        dim=TINY_DINO["width"],
+        depth=TINY_DINO["dino_depth"],
+        heads=TINY_DINO["dino_heads"],
+        pretrain_grid=TINY_DINO["pretrain_grid"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +52,7 @@ def small_dino():
 
 
 # ------------------------------------------------------------------------------------------------ DINOv2 -------
+
 
 def random_dinov2_state_dict(cfg: dinov2.DinoV2Config, seed=0):
     rng = np.random.default_rng(seed)
@@ -124,8 +131,9 @@ def test_dinov2_loader_real_key_layout():
     n_frozen = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(frozen))
     assert n_frozen == sum(int(np.prod(v.shape)) for v in sd.values())  # every key landed somewhere, nothing else
     np.testing.assert_array_equal(np.asarray(model.blocks[1].attn.qkv.kernel[...]), sd["blocks.1.attn.qkv.weight"].T)
-    np.testing.assert_array_equal(np.asarray(model.patch_embed.kernel[...]),
-                                  sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        np.asarray(model.patch_embed.kernel[...]), sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0)
+    )
     np.testing.assert_array_equal(np.asarray(model.blocks[0].ls2.gamma[...]), sd["blocks.0.ls2.gamma"])
     out = jax.eval_shape(lambda m, a: m.intermediate_layers(a, (0, 1)), model, jnp.zeros((1, 252, 252, 3)))
     assert [o[0].shape for o in out] == [(1, 324, 384)] * 2
@@ -172,15 +180,23 @@ def test_pos_embed_interpolation_identity_and_grid():
 def test_pos_embed_interpolation_matches_torch_37_to_18():
     torch = pytest.importorskip("torch")
     table = np.random.default_rng(0).standard_normal((37 * 37, 16)).astype(np.float32)
-    ref = torch.nn.functional.interpolate(
-        torch.from_numpy(table).reshape(1, 37, 37, 16).permute(0, 3, 1, 2),
-        scale_factor=((18 + 0.1) / 37, (18 + 0.1) / 37), mode="bicubic", antialias=False,
-    ).permute(0, 2, 3, 1).reshape(-1, 16).numpy()
+    ref = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(table).reshape(1, 37, 37, 16).permute(0, 3, 1, 2),
+            scale_factor=((18 + 0.1) / 37, (18 + 0.1) / 37),
+            mode="bicubic",
+            antialias=False,
+        )
+        .permute(0, 2, 3, 1)
+        .reshape(-1, 16)
+        .numpy()
+    )
     ours = np.asarray(bicubic.interpolate_pos_table(jnp.asarray(table), (18, 18)))
     np.testing.assert_allclose(ours, ref, atol=2e-5 * np.abs(ref).max())
 
 
 # ------------------------------------------------------------------------------------------------ heads --------
+
 
 def test_circular_conv_matches_numpy_and_is_shift_equivariant(tiny_disc):
     head = tiny_disc.heads[1]
@@ -232,6 +248,7 @@ def test_head_init_xavier_gain_half(tiny_disc):
 
 # ------------------------------------------------------------------------------------------------ discriminators
 
+
 def test_dino_discriminator_shapes_and_rng(tiny_disc):
     disc = tiny_disc
     x = jax.random.uniform(jax.random.key(0), (2, 36, 36, 3), minval=-1, maxval=1)
@@ -259,14 +276,17 @@ def test_dino_preprocess_crop_or_area(tiny_disc):
         if np.allclose(y, area, atol=1e-5):
             kinds.add("area")
             continue
-        hits = [(t, l) for t in range(5) for l in range(5) if np.allclose(y, normed[:, t:t + 32, l:l + 32], atol=1e-5)]
+        hits = [
+            (t, l) for t in range(5) for l in range(5) if np.allclose(y, normed[:, t : t + 32, l : l + 32], atol=1e-5)
+        ]
         assert hits, f"key {i}: neither the area resize nor a 32x32 crop"
         kinds.add("crop")
     assert kinds == {"area", "crop"}
     # Inputs already a multiple of the patch are only normalised.
     z = jnp.zeros((1, 32, 32, 3))
-    np.testing.assert_allclose(np.asarray(disc.preprocess(z, jax.random.key(0)))[0, 0, 0], (0.5 - mean) / std,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(disc.preprocess(z, jax.random.key(0)))[0, 0, 0], (0.5 - mean) / std, rtol=1e-6
+    )
 
 
 def test_trainable_vs_frozen_split_and_grads(tiny_disc):
@@ -292,8 +312,9 @@ def test_trainable_vs_frozen_split_and_grads(tiny_disc):
 
 def test_full_size_dino_discriminator_abstract_shapes():
     big = nnx.eval_shape(lambda: discriminators.build_discriminator("dino", {}, rngs=nnx.Rngs(params=0)))
-    out = jax.eval_shape(lambda m, a: m(a, rngs_or_key=jax.random.key(0)), big,
-                         jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32))
+    out = jax.eval_shape(
+        lambda m, a: m(a, rngs_or_key=jax.random.key(0)), big, jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32)
+    )
     assert out.shape == (2, 5 * 324)  # spec §3: (B, 1620)
     n_heads = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(big, nnx.Param)))
     n_dino = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(big, dinov2.FrozenParam)))
@@ -304,8 +325,9 @@ def test_full_size_dino_discriminator_abstract_shapes():
 def test_patch_discriminator():
     x = jax.random.uniform(jax.random.key(0), (3, 64, 64, 3), minval=-1, maxval=1)
     # The default-depth PatchGAN, abstractly: 64 -> 32 -> 16 -> 8 -> 7 -> 6, i.e. 36 logits.
-    big = nnx.eval_shape(lambda: discriminators.build_discriminator("patch", dict(width=32, num_layers=3),
-                                                                   rngs=nnx.Rngs(params=0)))
+    big = nnx.eval_shape(
+        lambda: discriminators.build_discriminator("patch", dict(width=32, num_layers=3), rngs=nnx.Rngs(params=0))
+    )
     assert jax.eval_shape(lambda d, a: d(a, rngs_or_key=jax.random.key(0)), big, x).shape == (3, 36)
     # A concrete small one: 64 -> 32 -> 16 -> 15 -> 14.
     disc = discriminators.build_discriminator("patch", dict(width=16, num_layers=2), rngs=nnx.Rngs(params=0))

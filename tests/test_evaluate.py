@@ -1,6 +1,7 @@
 """Eval runner + CLI: a micro UniTok checkpoint (trainer format) gives a complete, in-range report (recon, LPIPS, codebook
 usage, zero-shot vs chance, retrieval, grid; FID skipped without weights and computed with stub features); the
 trainer-layout periodic hook (mesh-sharded params) reproduces the CLI numbers and writes eval/<name>/<metric>."""
+
 import json
 import math
 import os
@@ -72,7 +73,13 @@ def test_report_keys_and_ranges(report):
     assert 0.0 <= r["zeroshot/top1"] <= r["zeroshot/top5"] <= 1.0
     assert r["zeroshot/top1_over_chance"] == pytest.approx(r["zeroshot/top1"] * 48)
     for d in ("image_to_text", "text_to_image"):
-        assert 0.0 <= r[f"zeroshot/retrieval/{d}/R@1"] <= r[f"zeroshot/retrieval/{d}/R@5"] <= r[f"zeroshot/retrieval/{d}/R@10"] <= 1.0
+        assert (
+            0.0
+            <= r[f"zeroshot/retrieval/{d}/R@1"]
+            <= r[f"zeroshot/retrieval/{d}/R@5"]
+            <= r[f"zeroshot/retrieval/{d}/R@10"]
+            <= 1.0
+        )
     assert all(isinstance(v, (int, float, str)) for v in r.values())
     json.dumps(r)
 
@@ -83,9 +90,20 @@ def test_cli_writes_json_report(trained, report, tmp_path):
     out = tmp_path / "report.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "unitok_jax.evaluate", f"--checkpoint={workdir}", "--evals=recon,fid,zeroshot",
-         f"--output={out}"],
-        cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "unitok_jax.evaluate",
+            f"--checkpoint={workdir}",
+            "--evals=recon,fid,zeroshot",
+            f"--output={out}",
+        ],
+        cwd=str(ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     cli = json.loads(out.read_text())
     assert "report written to" in proc.stdout
@@ -108,8 +126,10 @@ def test_periodic_hook_in_trainer_layout(trained, report, tmp_path):
     config.total_steps = 3
     components = trainer.build_components(config)
     assert components.mesh.size == jax.device_count() == 8
-    params = checkpointing.restore_params_only(workdir, checkpointing.abstract_with_shardings(
-        components.abstract_state.params, components.state_shardings.params))
+    params = checkpointing.restore_params_only(
+        workdir,
+        checkpointing.abstract_with_shardings(components.abstract_state.params, components.state_shardings.params),
+    )
     rest = components.init_frozen()["model_rest"]
     writer = MetricWriter(str(tmp_path), tensorboard=False)
     graphdef = components.ctx.model_graphdef
@@ -147,8 +167,9 @@ def test_fid_with_stub_features_caches_reference_stats(trained, tmp_path, monkey
         return {"pool3": out, "logits": out}
 
     def stub(config_, ec, files, num_batches, batch_size):
-        return fid.FidEvaluator(None, ec.fid.reference_stats or None, feature_fn=features, feature_dim=8,
-                                is_splits=2), None
+        return fid.FidEvaluator(
+            None, ec.fid.reference_stats or None, feature_fn=features, feature_dim=8, is_splits=2
+        ), None
 
     monkeypatch.setattr(eval_networks, "fid_evaluator", stub)
     model, _ = load_tokenizer(workdir, config)

@@ -1,5 +1,6 @@
 """Code export: every record of a split becomes {codes [k, h, w], caption, label, id} in ArrayRecord shards; the codes
 are exactly `img_to_idx` of the eval-transformed image; bad records are skipped and counted; the CLI works."""
+
 import json
 import os
 import subprocess
@@ -70,7 +71,12 @@ def test_record_round_trip_and_wide_codebooks():
     np.testing.assert_array_equal(rec["codes"], codes)
     assert (rec["id"], rec["caption"], rec["label"]) == ("a", "cap", 7)
     big = np.asarray([[[70000]]])
-    assert export_codes.decode_codes_record(export_codes.encode_codes_record("b", big, codebook_size=100000))["codes"][0, 0, 0] == 70000
+    assert (
+        export_codes.decode_codes_record(export_codes.encode_codes_record("b", big, codebook_size=100000))["codes"][
+            0, 0, 0
+        ]
+        == 70000
+    )
     with pytest.raises(ValueError, match="n_codebooks"):
         export_codes.encode_codes_record("c", np.zeros((2, 2)))
 
@@ -80,9 +86,22 @@ def test_cli(demo, tmp_path):
     _, workdir, _ = demo
     out = tmp_path / "cli_codes"
     proc = subprocess.run(
-        [sys.executable, "-m", "unitok_jax.export_codes", f"--checkpoint={workdir}", f"--output_dir={out}",
-         "--split=train", "--batch_size=16", "--max_examples=20"],
-        cwd=str(ROOT), env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "unitok_jax.export_codes",
+            f"--checkpoint={workdir}",
+            f"--output_dir={out}",
+            "--split=train",
+            "--batch_size=16",
+            "--max_examples=20",
+        ],
+        cwd=str(ROOT),
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wrote 20 code records [4, 2, 2]" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
@@ -115,11 +134,23 @@ def test_two_processes_match_one(demo, tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-               XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f))
-    procs = [subprocess.Popen([sys.executable, "-c", _MP_DRIVER, str(i), "2", str(port), workdir, str(tmp_path)],
-                              cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+        XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f),
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _MP_DRIVER, str(i), "2", str(port), workdir, str(tmp_path)],
+            cwd=str(ROOT),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         outs = [p.communicate(timeout=400)[0] for p in procs]
     finally:
@@ -130,8 +161,14 @@ def test_two_processes_match_one(demo, tmp_path):
     assert report["meta/process_count"] == 2
     for key in ("recon/num_images", "zeroshot/count", "zeroshot/retrieval/count", "recon/usage", "recon/num_tokens"):
         assert report[key] == single[key], key
-    for key in ("recon/psnr", "recon/ssim", "recon/perplexity", "zeroshot/top1", "zeroshot/top5",
-                "zeroshot/retrieval/image_to_text/R@5"):
+    for key in (
+        "recon/psnr",
+        "recon/ssim",
+        "recon/perplexity",
+        "zeroshot/top1",
+        "zeroshot/top5",
+        "zeroshot/retrieval/image_to_text/R@5",
+    ):
         assert report[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
     manifest = json.loads((tmp_path / "codes" / "manifest.json").read_text())
     assert manifest["num_records"] == 16 and sorted({s["process"] for s in manifest["shards"]}) == [0, 1]

@@ -1,5 +1,6 @@
 """FID maths: sqrtm vs scipy, Frechet distance invariants and known values, streaming stats, multi-process
 merge (simulated), .npz cache, Inception Score, and the FidEvaluator flow with a stand-in feature function."""
+
 import numpy as np
 import pytest
 
@@ -34,8 +35,11 @@ def test_sqrtm_matches_scipy_symmetric(n, jitter):
     np.testing.assert_allclose(fid.sqrtm_psd(a), got, atol=1e-10 * np.abs(got).max())
 
 
-@pytest.mark.parametrize("n1,n2,jitter", [(200, 200, 0.0), (40, 200, 1e-6), (40, 40, 1e-9)],
-                         ids=["spd", "near_singular", "both_near_singular"])
+@pytest.mark.parametrize(
+    "n1,n2,jitter",
+    [(200, 200, 0.0), (40, 200, 1e-6), (40, 40, 1e-9)],
+    ids=["spd", "near_singular", "both_near_singular"],
+)
 def test_sqrtm_matches_scipy_product(n1, n2, jitter):
     rng = np.random.default_rng(n1 + 7 * n2)
     s1, s2 = _cov(rng, 48, n1, jitter), _cov(rng, 48, n2, jitter)
@@ -272,8 +276,12 @@ def test_evaluator_flow_and_reference_cache(tmp_path):
         ev.update(fake[i : i + 16], reference_images=real[i : i + 16])
     out = ev.compute()
     f_fake, f_real = _toy_features(fake), _toy_features(real)
-    expected = fid.frechet_distance(f_fake["pool3"].mean(0), np.cov(f_fake["pool3"], rowvar=False),
-                                    f_real["pool3"].mean(0), np.cov(f_real["pool3"], rowvar=False))
+    expected = fid.frechet_distance(
+        f_fake["pool3"].mean(0),
+        np.cov(f_fake["pool3"], rowvar=False),
+        f_real["pool3"].mean(0),
+        np.cov(f_real["pool3"], rowvar=False),
+    )
     np.testing.assert_allclose(out["fid"], expected, rtol=1e-8)
     assert out["num_images"] == 45 and out["num_reference"] == 45
     is_ref = fid.inception_score(f_fake["logits_unbiased"], shuffle=True, seed=2020)

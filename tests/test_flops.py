@@ -1,4 +1,5 @@
 """Analytic FLOPs (unitok_jax.train.flops) vs the official FlopCounter numbers and vs XLA's own count."""
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -25,7 +26,8 @@ def test_vitamin_large_and_base_match_official_flop_counter():
     assert 330e9 < f["decoder_convs"] < 345e9
     # Attention products add ~4 % to the encoder at 256 tokens.
     assert f["encoder_vit"] / unitok_forward_flops(model_config("vitamin_large"), 256, include_attention=False)[
-        "encoder_vit"] == pytest.approx(1.048, abs=0.005)
+        "encoder_vit"
+    ] == pytest.approx(1.048, abs=0.005)
 
 
 def test_step_multipliers_and_paper_totals():

@@ -1,5 +1,6 @@
 """The gs:// stack against a local GCS emulator (tests/gcs_emulator.py): epath/gcsfs, Orbax/TensorStore checkpoints,
 Grain iterator state, TensorBoard events, child processes, and the emulator's own cleanup. No internet involved."""
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,10 @@ def test_epath_file_operations(gcs_tmp_path):
 
 def _tree(step: int):
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
-    sharded = jax.device_put(jnp.arange(64, dtype=jnp.float32).reshape(16, 4) * step,
-                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+    sharded = jax.device_put(
+        jnp.arange(64, dtype=jnp.float32).reshape(16, 4) * step,
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")),
+    )
     return {"w": sharded, "b": {"x": jnp.full((3,), step, jnp.int32)}, "step": jnp.asarray(step)}
 
 
@@ -59,18 +62,27 @@ def test_orbax_checkpoint_manager_and_grain_state(gcs_tmp_path):
     def manager():
         return ocp.CheckpointManager(
             ckpt_dir,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                           "data": grain.checkpoint.CheckpointHandler()},
-            options=ocp.CheckpointManagerOptions(enable_async_checkpointing=True, max_to_keep=2))
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+            },
+            options=ocp.CheckpointManagerOptions(enable_async_checkpointing=True, max_to_keep=2),
+        )
 
     it = iter(grain.MapDataset.range(100).to_iter_dataset())
     mgr = manager()
     for step in (1, 2, 3):
         for _ in range(step):
             next(it)
-        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_tree(step)),
-                                               config=ocp.args.JsonSave({"step": step, "name": "run"}),
-                                               data=grain.checkpoint.CheckpointSave(it)))
+        mgr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_tree(step)),
+                config=ocp.args.JsonSave({"step": step, "name": "run"}),
+                data=grain.checkpoint.CheckpointSave(it),
+            ),
+        )
     mgr.wait_until_finished()
     assert mgr.all_steps() == [2, 3] and mgr.latest_step() == 3  # max_to_keep deleted step 1
     mgr.close()
@@ -85,9 +97,14 @@ def test_orbax_checkpoint_manager_and_grain_state(gcs_tmp_path):
     assert mgr.all_steps() == [2, 3]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(0))
     it2 = iter(grain.MapDataset.range(100).to_iter_dataset())
-    restored = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), config=ocp.args.JsonRestore(),
-        data=grain.checkpoint.CheckpointRestore(it2)))
+    restored = mgr.restore(
+        mgr.latest_step(),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            config=ocp.args.JsonRestore(),
+            data=grain.checkpoint.CheckpointRestore(it2),
+        ),
+    )
     mgr.close()
     expected = _tree(3)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored["state"], expected)
@@ -102,8 +119,8 @@ def _read_scalars(data: bytes) -> list[tuple[int, str, float]]:
 
     out, off = [], 0
     while off < len(data):
-        (length,) = struct.unpack("<Q", data[off:off + 8])
-        event = event_pb2.Event.FromString(data[off + 12:off + 12 + length])
+        (length,) = struct.unpack("<Q", data[off : off + 8])
+        event = event_pb2.Event.FromString(data[off + 12 : off + 12 + length])
         off += 12 + length + 4
         out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
     return out

@@ -1,6 +1,7 @@
 """`--workdir=gs://bucket/run` against a real GCS API emulator (fake-gcs-server on 127.0.0.1, tests/gcs_emulator.py):
 checkpoints, metrics, TensorBoard events and image grids land in the bucket, nothing lands on the local disk, and
 a run SIGKILLed mid-way resumes from the bucket and ends bitwise equal to an uninterrupted local run."""
+
 import json
 import os
 import signal

@@ -2,6 +2,7 @@
 adaptive GAN weight on; 'micro_batch' mode keeps the per-example terms and contrasts within micro-batches; bad
 configs are rejected. The generator's DiffAug is switched off where the GAN is on: it is drawn per micro-batch, so
 its draws differ from the full batch's by design."""
+
 import jax
 import numpy as np
 import pytest
@@ -86,8 +87,16 @@ def test_full_batch_accumulation_equals_one_full_batch_step(tmp_path):
     config.grad_accum_steps = 2
     acc, m_acc = _one_step(config, batch, gan=True)
     assert int(acc.step) == 1 and int(acc.nonfinite_steps) == 0
-    for key in ("train/loss/clip", "train/loss/l2", "train/loss/vq", "train/loss/g_adv", "train/gan/adaptive_weight",
-                "train/loss/total", "train/loss/d", "train/logit_scale"):
+    for key in (
+        "train/loss/clip",
+        "train/loss/l2",
+        "train/loss/vq",
+        "train/loss/g_adv",
+        "train/gan/adaptive_weight",
+        "train/loss/total",
+        "train/loss/d",
+        "train/logit_scale",
+    ):
         np.testing.assert_allclose(m_acc[key], m_full[key], rtol=1e-5, err_msg=key)
     for key in ("train/grad_norm/generator", "train/grad_norm/disc"):
         np.testing.assert_allclose(m_acc[key], m_full[key], rtol=1e-4, err_msg=key)

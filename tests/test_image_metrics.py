@@ -1,4 +1,5 @@
 """PSNR / SSIM: invariants, a scikit-image-equivalent scipy reference, data-range semantics, jit."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

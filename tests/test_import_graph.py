@@ -3,6 +3,7 @@
 Every `import`/`from ... import` of a `unitok_jax` module counts, at module level or inside a function: a function-
 local import that closes a circle is still a circle, only hidden from Python's import-time check.
 """
+
 import ast
 import pathlib
 
@@ -43,7 +44,9 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                    )
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             for target in targets:
                 while target and target not in modules:  # `import unitok_jax.a.b` names a.b; a submodule's parent
@@ -100,6 +103,11 @@ def test_no_import_circles():
 
 @pytest.mark.parametrize("lower,higher", LAYERS)
 def test_layers_point_one_way(lower, higher):
-    offending = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if m == lower or m.startswith(lower + ".")
-                       for t in ts if t == higher or t.startswith(higher + "."))
+    offending = sorted(
+        f"{m} -> {t}"
+        for m, ts in import_graph().items()
+        if m == lower or m.startswith(lower + ".")
+        for t in ts
+        if t == higher or t.startswith(higher + ".")
+    )
     assert offending == []

@@ -1,5 +1,6 @@
 """FID InceptionV3: key/shape table, loader errors and round trip, output shapes, resize semantics,
 and (only if torch is installed) parity with a PyTorch re-implementation of the pytorch-fid graph."""
+
 import jax
 import numpy as np
 import pytest
@@ -45,16 +46,19 @@ def test_loader_round_trip(state_dict, model, tmp_path):
     # torch-free deployment: an .npz of the exported dict loads back to the same weights.
     np.savez(tmp_path / "inception.npz", **exported)
     again = inc.load_fid_inception(str(tmp_path / "inception.npz"))
-    np.testing.assert_array_equal(np.asarray(again.Mixed_7b.branch3x3_2a.conv.kernel[...]),
-                                  np.asarray(model.Mixed_7b.branch3x3_2a.conv.kernel[...]))
+    np.testing.assert_array_equal(
+        np.asarray(again.Mixed_7b.branch3x3_2a.conv.kernel[...]),
+        np.asarray(model.Mixed_7b.branch3x3_2a.conv.kernel[...]),
+    )
     # Layouts: torch OIHW -> HWIO, Linear (out, in) -> (in, out).
     np.testing.assert_array_equal(
         np.asarray(model.Mixed_6b.branch7x7_2.conv.kernel[...]),
         state_dict["Mixed_6b.branch7x7_2.conv.weight"].transpose(2, 3, 1, 0),
     )
     np.testing.assert_array_equal(np.asarray(model.fc.kernel[...]), state_dict["fc.weight"].T)
-    np.testing.assert_array_equal(np.asarray(model.Mixed_7c.branch1x1.bn.var[...]),
-                                  state_dict["Mixed_7c.branch1x1.bn.running_var"])
+    np.testing.assert_array_equal(
+        np.asarray(model.Mixed_7c.branch1x1.bn.var[...]), state_dict["Mixed_7c.branch1x1.bn.running_var"]
+    )
 
 
 def test_loader_errors(state_dict):
@@ -66,7 +70,9 @@ def test_loader_errors(state_dict):
     with pytest.raises(ValueError, match=r"1 unexpected keys: AuxLogits\.fc\.weight"):
         inc.load_fid_inception(sd)
     sd = dict(state_dict, **{"fc.weight": np.zeros((1000, 2048), np.float32)})
-    with pytest.raises(ValueError, match=r"shape mismatches: fc\.weight: file \(1000, 2048\) vs expected \(1008, 2048\)"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatches: fc\.weight: file \(1000, 2048\) vs expected \(1008, 2048\)"
+    ):
         inc.load_fid_inception(sd)
     with pytest.raises(FileNotFoundError):
         inc.load_fid_inception("/nonexistent/pt_inception-2015-12-05-6726825d.pth")
@@ -88,7 +94,8 @@ def test_forward_shapes(state_dict, outputs):
     assert outputs["logits"].shape == outputs["logits_unbiased"].shape == (2, 1008)
     np.testing.assert_allclose(
         np.asarray(outputs["logits"]) - np.asarray(outputs["logits_unbiased"]),
-        np.broadcast_to(state_dict["fc.bias"], (2, 1008)), atol=1e-4,
+        np.broadcast_to(state_dict["fc.bias"], (2, 1008)),
+        atol=1e-4,
     )
     pool3 = np.asarray(outputs["pool3"])
     assert np.all(pool3 >= 0) and np.isfinite(pool3).all()  # mean of ReLU outputs
@@ -143,8 +150,15 @@ def _torch_reference(sd, x_nchw, mode, preprocess_only=False):
 
     def conv(x, name, stride=1, padding=0):
         x = F.conv2d(x, W[f"{name}.conv.weight"], stride=stride, padding=padding)
-        x = F.batch_norm(x, W[f"{name}.bn.running_mean"], W[f"{name}.bn.running_var"],
-                         W[f"{name}.bn.weight"], W[f"{name}.bn.bias"], training=False, eps=1e-3)
+        x = F.batch_norm(
+            x,
+            W[f"{name}.bn.running_mean"],
+            W[f"{name}.bn.running_var"],
+            W[f"{name}.bn.weight"],
+            W[f"{name}.bn.bias"],
+            training=False,
+            eps=1e-3,
+        )
         return F.relu(x)
 
     def avgp(x):
@@ -153,17 +167,23 @@ def _torch_reference(sd, x_nchw, mode, preprocess_only=False):
     def block_a(x, n):
         b1 = conv(x, f"{n}.branch1x1")
         b5 = conv(conv(x, f"{n}.branch5x5_1"), f"{n}.branch5x5_2", padding=2)
-        b3 = conv(conv(conv(x, f"{n}.branch3x3dbl_1"), f"{n}.branch3x3dbl_2", padding=1), f"{n}.branch3x3dbl_3", padding=1)
+        b3 = conv(
+            conv(conv(x, f"{n}.branch3x3dbl_1"), f"{n}.branch3x3dbl_2", padding=1), f"{n}.branch3x3dbl_3", padding=1
+        )
         return torch.cat([b1, b5, b3, conv(avgp(x), f"{n}.branch_pool")], 1)
 
     def block_b(x, n):
         b3 = conv(x, f"{n}.branch3x3", stride=2)
-        bd = conv(conv(conv(x, f"{n}.branch3x3dbl_1"), f"{n}.branch3x3dbl_2", padding=1), f"{n}.branch3x3dbl_3", stride=2)
+        bd = conv(
+            conv(conv(x, f"{n}.branch3x3dbl_1"), f"{n}.branch3x3dbl_2", padding=1), f"{n}.branch3x3dbl_3", stride=2
+        )
         return torch.cat([b3, bd, F.max_pool2d(x, 3, stride=2)], 1)
 
     def block_c(x, n):
         b1 = conv(x, f"{n}.branch1x1")
-        b7 = conv(conv(conv(x, f"{n}.branch7x7_1"), f"{n}.branch7x7_2", padding=(0, 3)), f"{n}.branch7x7_3", padding=(3, 0))
+        b7 = conv(
+            conv(conv(x, f"{n}.branch7x7_1"), f"{n}.branch7x7_2", padding=(0, 3)), f"{n}.branch7x7_3", padding=(3, 0)
+        )
         bd = conv(x, f"{n}.branch7x7dbl_1")
         for i, pad in zip((2, 3, 4, 5), ((3, 0), (0, 3), (3, 0), (0, 3))):
             bd = conv(bd, f"{n}.branch7x7dbl_{i}", padding=pad)
@@ -171,16 +191,27 @@ def _torch_reference(sd, x_nchw, mode, preprocess_only=False):
 
     def block_d(x, n):
         b3 = conv(conv(x, f"{n}.branch3x3_1"), f"{n}.branch3x3_2", stride=2)
-        b7 = conv(conv(conv(conv(x, f"{n}.branch7x7x3_1"), f"{n}.branch7x7x3_2", padding=(0, 3)),
-                       f"{n}.branch7x7x3_3", padding=(3, 0)), f"{n}.branch7x7x3_4", stride=2)
+        b7 = conv(
+            conv(
+                conv(conv(x, f"{n}.branch7x7x3_1"), f"{n}.branch7x7x3_2", padding=(0, 3)),
+                f"{n}.branch7x7x3_3",
+                padding=(3, 0),
+            ),
+            f"{n}.branch7x7x3_4",
+            stride=2,
+        )
         return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
 
     def block_e(x, n, pool):
         b1 = conv(x, f"{n}.branch1x1")
         b3 = conv(x, f"{n}.branch3x3_1")
-        b3 = torch.cat([conv(b3, f"{n}.branch3x3_2a", padding=(0, 1)), conv(b3, f"{n}.branch3x3_2b", padding=(1, 0))], 1)
+        b3 = torch.cat(
+            [conv(b3, f"{n}.branch3x3_2a", padding=(0, 1)), conv(b3, f"{n}.branch3x3_2b", padding=(1, 0))], 1
+        )
         bd = conv(conv(x, f"{n}.branch3x3dbl_1"), f"{n}.branch3x3dbl_2", padding=1)
-        bd = torch.cat([conv(bd, f"{n}.branch3x3dbl_3a", padding=(0, 1)), conv(bd, f"{n}.branch3x3dbl_3b", padding=(1, 0))], 1)
+        bd = torch.cat(
+            [conv(bd, f"{n}.branch3x3dbl_3a", padding=(0, 1)), conv(bd, f"{n}.branch3x3dbl_3b", padding=(1, 0))], 1
+        )
         pooled = avgp(x) if pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
         return torch.cat([b1, b3, bd, conv(pooled, f"{n}.branch_pool")], 1)
 
@@ -227,7 +258,9 @@ def test_parity_with_torch(state_dict, images, outputs):
     pytest.importorskip("torch")
     ref_pool3, ref_logits = _torch_reference(state_dict, images.transpose(0, 3, 1, 2).copy(), "pytorch_fid")
     np.testing.assert_allclose(np.asarray(outputs["pool3"]), ref_pool3, atol=1e-4 * np.abs(ref_pool3).max(), rtol=1e-4)
-    np.testing.assert_allclose(np.asarray(outputs["logits"]), ref_logits, atol=1e-4 * np.abs(ref_logits).max(), rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(outputs["logits"]), ref_logits, atol=1e-4 * np.abs(ref_logits).max(), rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("mode", inc.RESIZE_MODES)

@@ -3,6 +3,7 @@
 ingest counts what it can see without decoding (missing caption / image) in the manifest; the undecodable images
 it was told not to verify reach training, where the pipeline skips them and `data/skipped` counts them.
 """
+
 import io
 import json
 import os
@@ -58,8 +59,9 @@ def test_webdataset_to_array_record_to_training_counts_bad_samples(tmp_path):
     make_webdataset_tar(tmp_path / "tars" / "00000.tar", rng)
     out = tmp_path / "array_record"
     # verify_images=False: ingestion stays cheap (no decode) and broken images are left for training to skip.
-    manifest = ingest.ingest_webdataset(str(tmp_path / "tars" / "*.tar"), str(out),
-                                        options=ingest.IngestOptions(verify_images=False))
+    manifest = ingest.ingest_webdataset(
+        str(tmp_path / "tars" / "*.tar"), str(out), options=ingest.IngestOptions(verify_images=False)
+    )
     totals = manifest["totals"]
     assert totals["written"] == NUM_GOOD + NUM_UNDECODABLE
     assert totals["skip_reasons"] == {"missing caption": 2, "missing image": 1}

@@ -7,6 +7,7 @@ cleanly on it, and record what they were started with. The launchers call the tr
 `$PYTHON -m unitok_jax.main ...`; `fake_python` below stands in for that interpreter (and runs the real python3
 for `-c` snippets such as the free-port lookup).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -76,10 +77,24 @@ def fake(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     py = _write_exe(tmp_path / "fake_python", FAKE_PYTHON)
-    env = dict(os.environ, PYTHON=str(py), FAKE_OUT=str(out), FAKE_REAL_PYTHON=sys.executable, RESTART_DELAY_S="0",
-               GROUP_KILL_GRACE_S="1")
-    for k in ("XLA_FLAGS", "LIBTPU_INIT_ARGS", "JAX_COMPILATION_CACHE_DIR", "MAX_RESTARTS", "NO_RESTART_CODES",
-              "PRESET", "SUPERVISE_ATTEMPT", "NCCL_DEBUG"):
+    env = dict(
+        os.environ,
+        PYTHON=str(py),
+        FAKE_OUT=str(out),
+        FAKE_REAL_PYTHON=sys.executable,
+        RESTART_DELAY_S="0",
+        GROUP_KILL_GRACE_S="1",
+    )
+    for k in (
+        "XLA_FLAGS",
+        "LIBTPU_INIT_ARGS",
+        "JAX_COMPILATION_CACHE_DIR",
+        "MAX_RESTARTS",
+        "NO_RESTART_CODES",
+        "PRESET",
+        "SUPERVISE_ATTEMPT",
+        "NCCL_DEBUG",
+    ):
         env.pop(k, None)
     return out, py, env
 
@@ -122,10 +137,26 @@ def test_bash_syntax(script):
 
 def test_every_script_is_checked_and_executable():
     names = {os.path.basename(s) for s in SCRIPTS}
-    assert {"supervise.sh", "process_group.sh", "local_cpu_rehearsal.sh", "tpu_pod.sh", "tpu_worker.sh",
-            "gpu_single_host.sh", "slurm_multinode.sbatch", "xla_flags.sh", "common.sh"} <= names
-    for name in ("supervise.sh", "process_group.sh", "local_cpu_rehearsal.sh", "tpu_pod.sh", "tpu_worker.sh",
-                 "gpu_single_host.sh", "slurm_multinode.sbatch"):
+    assert {
+        "supervise.sh",
+        "process_group.sh",
+        "local_cpu_rehearsal.sh",
+        "tpu_pod.sh",
+        "tpu_worker.sh",
+        "gpu_single_host.sh",
+        "slurm_multinode.sbatch",
+        "xla_flags.sh",
+        "common.sh",
+    } <= names
+    for name in (
+        "supervise.sh",
+        "process_group.sh",
+        "local_cpu_rehearsal.sh",
+        "tpu_pod.sh",
+        "tpu_worker.sh",
+        "gpu_single_host.sh",
+        "slurm_multinode.sbatch",
+    ):
         assert os.access(LAUNCH / name, os.X_OK), name
 
 
@@ -134,14 +165,17 @@ def test_every_script_is_checked_and_executable():
 
 def _flaky(tmp_path: Path, failures: int, code: int = 1) -> tuple[Path, Path]:
     counter = tmp_path / "count"
-    script = _write_exe(tmp_path / "flaky.sh", f"""\
+    script = _write_exe(
+        tmp_path / "flaky.sh",
+        f"""\
         #!/usr/bin/env bash
         n=$(( $(cat {counter} 2>/dev/null || echo 0) + 1 ))
         echo $n > {counter}
         echo "run $n attempt=$SUPERVISE_ATTEMPT" >> {tmp_path / 'runs.txt'}
         if (( n <= {failures} )); then exit {code}; fi
         exit 0
-        """)
+        """,
+    )
     return script, counter
 
 
@@ -151,8 +185,11 @@ def test_supervise_restarts_until_success(tmp_path, fake):
     proc = subprocess.run([LAUNCH / "supervise.sh", script], env=env, capture_output=True, text=True, timeout=20)
     assert proc.returncode == 0, proc.stderr
     assert counter.read_text().strip() == "3"
-    assert (tmp_path / "runs.txt").read_text().split("\n")[:3] == ["run 1 attempt=1", "run 2 attempt=2",
-                                                                   "run 3 attempt=3"]
+    assert (tmp_path / "runs.txt").read_text().split("\n")[:3] == [
+        "run 1 attempt=1",
+        "run 2 attempt=2",
+        "run 3 attempt=3",
+    ]
     assert "attempt 1 exited with code 1" in proc.stderr and "attempt 2 exited with code 1" in proc.stderr
     assert "restart 1/100" in proc.stderr and "attempt 3 finished with exit code 0" in proc.stderr
 
@@ -160,8 +197,9 @@ def test_supervise_restarts_until_success(tmp_path, fake):
 def test_supervise_gives_up_after_max_restarts(tmp_path, fake):
     _, _, env = fake
     script, counter = _flaky(tmp_path, failures=100, code=9)
-    proc = subprocess.run([LAUNCH / "supervise.sh", script], env=dict(env, MAX_RESTARTS="2"),
-                          capture_output=True, text=True, timeout=20)
+    proc = subprocess.run(
+        [LAUNCH / "supervise.sh", script], env=dict(env, MAX_RESTARTS="2"), capture_output=True, text=True, timeout=20
+    )
     assert proc.returncode == 9
     assert counter.read_text().strip() == "3"  # the first attempt + 2 restarts
     assert "MAX_RESTARTS=2 reached, giving up" in proc.stderr
@@ -170,8 +208,13 @@ def test_supervise_gives_up_after_max_restarts(tmp_path, fake):
 def test_supervise_gives_up_on_repeated_start_up_failures(tmp_path, fake):
     _, _, env = fake
     script, counter = _flaky(tmp_path, failures=100, code=1)  # e.g. a typo in a flag: absl exits 1 at once
-    proc = subprocess.run([LAUNCH / "supervise.sh", script], env=dict(env, MAX_QUICK_FAILURES="3"),
-                          capture_output=True, text=True, timeout=20)
+    proc = subprocess.run(
+        [LAUNCH / "supervise.sh", script],
+        env=dict(env, MAX_QUICK_FAILURES="3"),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert proc.returncode == 1 and counter.read_text().strip() == "3"
     assert "3 attempts in a row failed within 60 s" in proc.stderr
 
@@ -184,15 +227,25 @@ def test_supervise_does_not_restart_permanent_errors(tmp_path, fake):
     assert "NO_RESTART_CODES" in proc.stderr
     # ...unless told to restart on every code.
     counter.unlink()
-    proc = subprocess.run([LAUNCH / "supervise.sh", script], env=dict(env, NO_RESTART_CODES="", MAX_RESTARTS="1"),
-                          capture_output=True, text=True, timeout=20)
+    proc = subprocess.run(
+        [LAUNCH / "supervise.sh", script],
+        env=dict(env, NO_RESTART_CODES="", MAX_RESTARTS="1"),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert proc.returncode == 2 and counter.read_text().strip() == "2"
 
 
 def test_supervise_forwards_sigterm_and_does_not_restart(tmp_path, fake):
     out, py, env = fake
-    sup = subprocess.Popen([LAUNCH / "supervise.sh", py, "-m", "unitok_jax.main"], env=dict(env, FAKE_BEHAVIOR="wait_term"),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sup = subprocess.Popen(
+        [LAUNCH / "supervise.sh", py, "-m", "unitok_jax.main"],
+        env=dict(env, FAKE_BEHAVIOR="wait_term"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert _wait_for(lambda: len(_starts(out)) == 1)
     sup.send_signal(signal.SIGTERM)
     _, err = sup.communicate(timeout=10)
@@ -204,8 +257,13 @@ def test_supervise_forwards_sigterm_and_does_not_restart(tmp_path, fake):
 def test_supervise_stopped_while_backing_off(tmp_path, fake):
     _, _, env = fake
     script, counter = _flaky(tmp_path, failures=100, code=1)
-    sup = subprocess.Popen([LAUNCH / "supervise.sh", script], env=dict(env, RESTART_DELAY_S="60"),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sup = subprocess.Popen(
+        [LAUNCH / "supervise.sh", script],
+        env=dict(env, RESTART_DELAY_S="60"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert _wait_for(lambda: counter.exists())
     time.sleep(0.3)  # now in the 60 s back-off
     t0 = time.time()
@@ -219,9 +277,13 @@ def test_supervise_stopped_while_backing_off(tmp_path, fake):
 def test_supervise_killed_child_is_restarted(tmp_path, fake):
     """A command killed from outside (OOM killer, kill -9) is a crash: restarted."""
     out, py, env = fake
-    sup = subprocess.Popen([LAUNCH / "supervise.sh", py, "-m", "unitok_jax.main"],
-                           env=dict(env, FAKE_BEHAVIOR="wait_term", MAX_RESTARTS="1"),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sup = subprocess.Popen(
+        [LAUNCH / "supervise.sh", py, "-m", "unitok_jax.main"],
+        env=dict(env, FAKE_BEHAVIOR="wait_term", MAX_RESTARTS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert _wait_for(lambda: len(_starts(out)) == 1)
     os.kill(int(_starts(out)[0]["pid"]), signal.SIGKILL)
     assert _wait_for(lambda: len(_starts(out)) == 2)
@@ -240,11 +302,25 @@ def test_rehearsal_kills_the_group_and_restarts_it(tmp_path, fake):
     out, _, env = fake
     workdir = tmp_path / "run"
     proc = subprocess.run(
-        [LAUNCH / "local_cpu_rehearsal.sh", "--config=configs/unitok.py:tiny", f"--workdir={workdir}",
-         "--config.total_steps=20"],
-        env=dict(env, NPROC="2", DEVICES="3", LOGDIR=str(tmp_path / "logs"), FAKE_BEHAVIOR="crash_rank1_once",
-                 XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_enable_fast_math=false"),
-        capture_output=True, text=True, timeout=25, cwd=REPO)
+        [
+            LAUNCH / "local_cpu_rehearsal.sh",
+            "--config=configs/unitok.py:tiny",
+            f"--workdir={workdir}",
+            "--config.total_steps=20",
+        ],
+        env=dict(
+            env,
+            NPROC="2",
+            DEVICES="3",
+            LOGDIR=str(tmp_path / "logs"),
+            FAKE_BEHAVIOR="crash_rank1_once",
+            XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_enable_fast_math=false",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=25,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     starts = _starts(out)
     assert sorted((s["attempt"], s["rank"]) for s in starts) == [("1", "0"), ("1", "1"), ("2", "0"), ("2", "1")]
@@ -273,7 +349,11 @@ def test_rehearsal_group_failure_without_restart_exits_nonzero(tmp_path, fake):
     proc = subprocess.run(
         [LAUNCH / "local_cpu_rehearsal.sh", "--config=x", f"--workdir={tmp_path / 'run'}"],
         env=dict(env, NPROC="3", LOGDIR=str(tmp_path / "logs"), FAKE_BEHAVIOR="crash_rank1_once", MAX_RESTARTS="0"),
-        capture_output=True, text=True, timeout=20, cwd=REPO)
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=REPO,
+    )
     assert proc.returncode == 1
     starts = _starts(out)
     assert len(starts) == 3 and not any(_alive(int(s["pid"])) for s in starts)
@@ -285,12 +365,21 @@ def test_rehearsal_sigterm_stops_every_member_cleanly(tmp_path, fake):
     launcher = subprocess.Popen(
         [LAUNCH / "local_cpu_rehearsal.sh", "--config=x", f"--workdir={tmp_path / 'run'}"],
         env=dict(env, NPROC="2", LOGDIR=str(tmp_path / "logs"), FAKE_BEHAVIOR="wait_term"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     assert _wait_for(lambda: len(_starts(out)) == 2)
     # A second launcher on the same workdir is refused while the first one's processes run.
-    second = subprocess.run([LAUNCH / "local_cpu_rehearsal.sh", "--config=x", "--workdir", str(tmp_path / "run")],
-                            env=dict(env, NPROC="2", LOGDIR=str(tmp_path / "logs2"), FAKE_BEHAVIOR="ok"),
-                            capture_output=True, text=True, timeout=10, cwd=REPO)
+    second = subprocess.run(
+        [LAUNCH / "local_cpu_rehearsal.sh", "--config=x", "--workdir", str(tmp_path / "run")],
+        env=dict(env, NPROC="2", LOGDIR=str(tmp_path / "logs2"), FAKE_BEHAVIOR="ok"),
+        capture_output=True,
+        text=True,
+        timeout=10,
+        cwd=REPO,
+    )
     assert second.returncode == 73 and "still using --workdir" in second.stderr
     launcher.send_signal(signal.SIGTERM)
     _, err = launcher.communicate(timeout=15)
@@ -304,7 +393,11 @@ def test_rehearsal_second_sigterm_kills_stuck_members(tmp_path, fake):
     launcher = subprocess.Popen(
         [LAUNCH / "local_cpu_rehearsal.sh", "--config=x", f"--workdir={tmp_path / 'run'}"],
         env=dict(env, NPROC="2", LOGDIR=str(tmp_path / "logs"), FAKE_BEHAVIOR="ignore_term"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     assert _wait_for(lambda: len(_starts(out)) == 2)
     pids = [int(s["pid"]) for s in _starts(out)]
     launcher.send_signal(signal.SIGTERM)
@@ -321,9 +414,21 @@ def test_gpu_per_gpu_mode_process_ids(tmp_path, fake):
     out, _, env = fake
     proc = subprocess.run(
         [LAUNCH / "gpu_single_host.sh", "--config=x", f"--workdir={tmp_path / 'run'}"],
-        env=dict(env, MODE="per_gpu", GPUS="2", NUM_HOSTS="2", HOST_INDEX="1", COORDINATOR="host0:1234",
-                 LOGDIR=str(tmp_path / "logs"), FAKE_BEHAVIOR="ok"),
-        capture_output=True, text=True, timeout=20, cwd=REPO)
+        env=dict(
+            env,
+            MODE="per_gpu",
+            GPUS="2",
+            NUM_HOSTS="2",
+            HOST_INDEX="1",
+            COORDINATOR="host0:1234",
+            LOGDIR=str(tmp_path / "logs"),
+            FAKE_BEHAVIOR="ok",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     starts = sorted(_starts(out), key=lambda s: s["rank"])
     assert [(s["rank"], s["coord"]) for s in starts] == [("2", "host0:1234"), ("3", "host0:1234")]
@@ -344,8 +449,9 @@ def _source_preset(preset: str, **env) -> dict:
 
 
 def test_presets_append_and_keep_user_flags():
-    gpu = _source_preset("gpu", XLA_FLAGS="--xla_gpu_enable_pipelined_all_gather=false --xla_dump_to=/tmp/x*",
-                         NCCL_DEBUG="INFO")
+    gpu = _source_preset(
+        "gpu", XLA_FLAGS="--xla_gpu_enable_pipelined_all_gather=false --xla_dump_to=/tmp/x*", NCCL_DEBUG="INFO"
+    )
     flags = gpu["XLA_FLAGS"].split()
     assert flags[:2] == ["--xla_gpu_enable_pipelined_all_gather=false", "--xla_dump_to=/tmp/x*"]
     assert "--xla_gpu_enable_pipelined_all_gather=true" not in flags
@@ -359,9 +465,13 @@ def test_presets_append_and_keep_user_flags():
     assert "XLA_FLAGS" not in tpu
     assert "XLA_FLAGS" not in _source_preset("none") and "LIBTPU_INIT_ARGS" not in _source_preset("none")
     # Sourcing twice adds nothing.
-    twice = subprocess.run(["bash", "-c", f"PRESET=gpu; source {LAUNCH}/xla_flags.sh; source {LAUNCH}/xla_flags.sh;"
-                            " echo $XLA_FLAGS"], capture_output=True, text=True, check=True,
-                           env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}).stdout.split()
+    twice = subprocess.run(
+        ["bash", "-c", f"PRESET=gpu; source {LAUNCH}/xla_flags.sh; source {LAUNCH}/xla_flags.sh; echo $XLA_FLAGS"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+    ).stdout.split()
     assert len(twice) == len(set(twice)) == 11
     bad = subprocess.run(["bash", "-c", f"PRESET=tpuu; source {LAUNCH}/xla_flags.sh"], capture_output=True, text=True)
     assert bad.returncode == 64 and "unknown PRESET" in bad.stderr
@@ -417,16 +527,33 @@ def _slurm_env(tmp_path, env, **extra):
     bin_dir.mkdir(exist_ok=True)
     _write_exe(bin_dir / "srun", FAKE_SRUN)
     _write_exe(bin_dir / "scontrol", FAKE_SCONTROL)
-    return dict(env, PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="2",
-                SLURM_JOB_NODELIST="node-[a-b]", SLURM_SUBMIT_DIR=str(REPO), **extra)
+    return dict(
+        env,
+        PATH=f"{bin_dir}:{env['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_NTASKS="2",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_JOB_NODELIST="node-[a-b]",
+        SLURM_SUBMIT_DIR=str(REPO),
+        **extra,
+    )
 
 
 def test_slurm_script_runs_every_task_with_its_rank(tmp_path, fake):
     out, _, env = fake
-    proc = subprocess.run([LAUNCH / "slurm_multinode.sbatch", "--config=x", "--workdir=/shared/run dir",
-                           "--config.data.train_files=/d/*.array_record"],
-                          env=_slurm_env(tmp_path, env, FAKE_BEHAVIOR="ok"), capture_output=True, text=True,
-                          timeout=20, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            LAUNCH / "slurm_multinode.sbatch",
+            "--config=x",
+            "--workdir=/shared/run dir",
+            "--config.data.train_files=/d/*.array_record",
+        ],
+        env=_slurm_env(tmp_path, env, FAKE_BEHAVIOR="ok"),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     starts = sorted(_starts(out), key=lambda s: s["rank"])
     port = 20000 + 4242 % 20000 + 1  # attempt 1
@@ -443,9 +570,14 @@ def test_slurm_script_runs_every_task_with_its_rank(tmp_path, fake):
 
 def test_slurm_time_limit_signal_checkpoints_and_requeues(tmp_path, fake):
     out, _, env = fake
-    job = subprocess.Popen([LAUNCH / "slurm_multinode.sbatch", "--config=x", "--workdir=/shared/run"],
-                           env=_slurm_env(tmp_path, env, FAKE_BEHAVIOR="wait_term"), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    job = subprocess.Popen(
+        [LAUNCH / "slurm_multinode.sbatch", "--config=x", "--workdir=/shared/run"],
+        env=_slurm_env(tmp_path, env, FAKE_BEHAVIOR="wait_term"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     assert _wait_for(lambda: len(_starts(out)) == 2)
     job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@300` sends before the time limit
     stdout, stderr = job.communicate(timeout=15)
@@ -485,13 +617,29 @@ def test_tpu_pod_start_status_stop_through_ssh(tmp_path, fake):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _write_exe(bin_dir / "gcloud", FAKE_GCLOUD)
-    run_env = dict(env, PATH=f"{bin_dir}:{env['PATH']}", FAKE_HOMES=str(homes), FAKE_BEHAVIOR="wait_term",
-                   TPU_NAME="pod", ZONE="zone-a", PROJECT="proj", VENV=str(tmp_path / "venv"), SETUP="0",
-                   WORKDIR="gs://bucket/run", MAX_RESTARTS="0")
+    run_env = dict(
+        env,
+        PATH=f"{bin_dir}:{env['PATH']}",
+        FAKE_HOMES=str(homes),
+        FAKE_BEHAVIOR="wait_term",
+        TPU_NAME="pod",
+        ZONE="zone-a",
+        PROJECT="proj",
+        VENV=str(tmp_path / "venv"),
+        SETUP="0",
+        WORKDIR="gs://bucket/run",
+        MAX_RESTARTS="0",
+    )
 
     def pod(action, *args):
-        return subprocess.run([LAUNCH / "tpu_pod.sh", *args], env=dict(run_env, ACTION=action), capture_output=True,
-                              text=True, timeout=20, cwd=tmp_path)
+        return subprocess.run(
+            [LAUNCH / "tpu_pod.sh", *args],
+            env=dict(run_env, ACTION=action),
+            capture_output=True,
+            text=True,
+            timeout=20,
+            cwd=tmp_path,
+        )
 
     started = pod("start", "--config=configs/unitok.py:paper", "--config.data.train_files=/mnt/data/a b/*.ar")
     assert started.returncode == 0, started.stdout + started.stderr

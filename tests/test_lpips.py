@@ -3,6 +3,7 @@
 Tolerances follow fixtures/README.md §1: activations/losses max|ours-ref| <= 2e-5*max(1, max|ref|); input gradients
 <= 5e-5*max|ref|.
 """
+
 import numpy as np
 import pytest
 
@@ -83,7 +84,7 @@ def test_abstract_shapes_any_resolution():
 
 
 def _state_dict(fixture):
-    return {k[len("param/"):]: v for k, v in fixture.items() if k.startswith("param/")}
+    return {k[len("param/") :]: v for k, v in fixture.items() if k.startswith("param/")}
 
 
 def test_loader_accepts_npz_and_plain_dict(tmp_path, fixture, model):

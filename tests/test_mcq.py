@@ -1,5 +1,6 @@
 """MultiCodebookQuantizer invariants: code values, STE gradient, loss formula, index layout, ties, usage stats,
 and the one-codebook-at-a-time memory bound."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,7 +83,9 @@ def test_loss_formula_and_gradients(quantizer):
     # β only scales the commitment (encoder-side) gradient; the codebook gradient has weight 1.
     gz = jax.grad(lambda z: quantizer(z)[1]["loss"])(z)
     zsg = jax.lax.stop_gradient(aux["quant_lookup"])
-    gz_ref = jax.grad(lambda z: jnp.mean(jnp.mean((zsg - _normalize_chunks(z)).reshape(-1, K_BOOKS, DIM) ** 2, axis=(0, 2))) * 0.25)(z)
+    gz_ref = jax.grad(
+        lambda z: jnp.mean(jnp.mean((zsg - _normalize_chunks(z)).reshape(-1, K_BOOKS, DIM) ** 2, axis=(0, 2))) * 0.25
+    )(z)
     np.testing.assert_allclose(np.asarray(gz), np.asarray(gz_ref), rtol=1e-4, atol=1e-7)
     gm = nnx.grad(lambda m: m(z)[1]["loss"])(quantizer)
     assert float(jnp.max(jnp.abs(gm["codebooks"][...]))) > 0
@@ -98,7 +101,7 @@ def test_index_layout_codebook_k_owns_channels_k_d():
     for b in range(2):
         for k in range(K_BOOKS):
             for n in range(5):
-                z[b, n, k * DIM:(k + 1) * DIM] = 3.0 * cb[k, want[b, k, n]]
+                z[b, n, k * DIM : (k + 1) * DIM] = 3.0 * cb[k, want[b, k, n]]
     _, aux = q(jnp.asarray(z))
     np.testing.assert_array_equal(np.asarray(aux["indices"]), want)
 
@@ -140,7 +143,7 @@ def test_counts_sum_and_one_codebook_at_a_time(quantizer):
         for eqn in jaxpr.eqns:
             shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
             for p in eqn.params.values():
-                for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
                     if hasattr(sub, "jaxpr"):
                         walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
                     elif hasattr(sub, "eqns"):

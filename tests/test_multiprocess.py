@@ -13,6 +13,7 @@ in a different row order ([0,2,4,6 | 1,3,5,7] instead of [0..7]). Every loss is 
 CLIP labels follow the rows, so only the floating-point summation order changes; the params agree to ~1e-6
 (tolerance below). The GAN is off in this config because DiffAug draws per-row augmentations.
 """
+
 import json
 import os
 import shutil
@@ -55,8 +56,9 @@ def _wait_for(predicate, what: str, proc, timeout: float = 900):
 
 
 def _pid_of(workdir: str, rank: int) -> int:
-    out = subprocess.run(["pgrep", "-f", f"unitok_jax.main .*--workdir={workdir} .*--process_id={rank}$"],
-                         capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        ["pgrep", "-f", f"unitok_jax.main .*--workdir={workdir} .*--process_id={rank}$"], capture_output=True, text=True
+    ).stdout.split()
     assert out, f"no process {rank} found"
     return int(out[0])
 
@@ -65,8 +67,11 @@ def _committed(workdir) -> list[int]:
     ckpts = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpts):
         return []
-    return sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()
-                  and os.path.exists(os.path.join(ckpts, d, "commit_success.txt")))
+    return sorted(
+        int(d)
+        for d in os.listdir(ckpts)
+        if d.isdigit() and os.path.exists(os.path.join(ckpts, d, "commit_success.txt"))
+    )
 
 
 def _params(workdir, step):
@@ -105,8 +110,15 @@ def test_rehearsal_kill_preemption_and_elastic_resume_match_one_process(tmp_path
     p0_log = logs / "p0.log"
 
     # Leg 1 runs "forever": SIGKILL process 1 once a checkpoint is committed and step 3 ran.
-    proc = subprocess.Popen(args + ["--config.total_steps=1000"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        args + ["--config.total_steps=1000"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _wait_for(lambda: _committed(workdir) and "step 3/1000" in _read(p0_log), "step 3 and a checkpoint", proc)
         os.kill(_pid_of(workdir, 1), signal.SIGKILL)
@@ -131,8 +143,9 @@ def test_rehearsal_kill_preemption_and_elastic_resume_match_one_process(tmp_path
     shutil.copytree(workdir, tmp_path / "elastic")  # the 2-process checkpoint, resumed below by 1 process
 
     # Leg 2: the same command with the final step count resumes at the preemption checkpoint and finishes.
-    result = subprocess.run(args + [f"--config.total_steps={FINAL}"], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(
+        args + [f"--config.total_steps={FINAL}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert f"at step {preempted_at}" in _read(p0_log).split("=== ")[-1]
     _assert_matches_reference(workdir, ref_dir)
@@ -150,11 +163,25 @@ def test_rehearsal_kill_preemption_and_elastic_resume_match_one_process(tmp_path
     for step in (8, 10):
         shutil.rmtree(fewer / "checkpoints" / str(step))
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    env4 = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"]))
+    env4 = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"])
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "unitok_jax.main", f"--config={CONFIG}", f"--workdir={fewer}",
-         f"--config.data.data_dir={data_dir}", f"--config.total_steps={FINAL}"],
-        cwd=REPO, env=env4, capture_output=True, text=True, timeout=1800)
+        [
+            sys.executable,
+            "-m",
+            "unitok_jax.main",
+            f"--config={CONFIG}",
+            f"--workdir={fewer}",
+            f"--config.data.data_dir={data_dir}",
+            f"--config.total_steps={FINAL}",
+        ],
+        cwd=REPO,
+        env=env4,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "at step 6" in result.stdout
     _assert_matches_reference(str(fewer), ref_dir, first_step=7)

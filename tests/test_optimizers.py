@@ -1,4 +1,5 @@
 """Optimizer: the official warm-up + cosine schedule, weight-decay masks, frozen groups, clipping."""
+
 import numpy as np
 import pytest
 
@@ -11,8 +12,18 @@ from unitok_jax.train import optimizers, param_groups
 
 
 def _opt(**kw):
-    base = dict(lr=1.0, b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.5, wd_exclude="", warmup=10, end_lr_ratio=0.1,
-                clip_norm=0.0, groups=[])
+    base = dict(
+        lr=1.0,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-6,
+        weight_decay=0.5,
+        wd_exclude="",
+        warmup=10,
+        end_lr_ratio=0.1,
+        clip_norm=0.0,
+        groups=[],
+    )
     base.update(kw)
     return ml_collections.ConfigDict(base)
 
@@ -30,7 +41,11 @@ def test_schedule_matches_official_formula():
 
 
 def _params():
-    return {"layer": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))}, "codebook": jnp.ones((8, 2)), "logit_scale": jnp.ones(())}
+    return {
+        "layer": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))},
+        "codebook": jnp.ones((8, 2)),
+        "logit_scale": jnp.ones(()),
+    }
 
 
 def test_weight_decay_only_on_matrices_and_not_excluded():
@@ -51,7 +66,9 @@ def test_frozen_group_and_lr_multiplier():
     tx = optimizers.make_optimizer(cfg, params, total_steps=100)
     updates, _ = tx.update(grads, tx.init(params), params)
     assert float(jnp.abs(updates["codebook"]).max()) == 0
-    np.testing.assert_allclose(np.asarray(updates["layer"]["bias"]), 0.5 * np.asarray(updates["layer"]["kernel"][0]), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(updates["layer"]["bias"]), 0.5 * np.asarray(updates["layer"]["kernel"][0]), rtol=1e-5
+    )
 
 
 def test_clipping_bounds_global_norm():

@@ -5,6 +5,7 @@ intermediate), the loss terms and every stored gradient are computed by ONE jitt
 CPU compile time down. Tolerances are the fixture README's: activations/losses max|ours − ref| ≤ 2e-5·max(1, max|ref|),
 gradients ≤ 5e-5·max|ref|, indices exact (except the listed near-ties).
 """
+
 import json
 
 import jax
@@ -58,8 +59,10 @@ def loss_terms(rec, aux, images):
     img, txt = aux["clip_image_features"], aux["clip_text_features"]
     logits = aux["logit_scale"] * jnp.dot(img, txt.T, precision=jax.lax.Precision.HIGHEST)
     labels = jnp.arange(img.shape[0])
-    clip = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-                  + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+    clip = 0.5 * (
+        optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+    )
     vq = aux["vq_loss"]
     return {"l1": l1, "l2": l2, "vq": vq, "clip": clip, "total": 0.2 * l1 + l2 + vq + clip}
 
@@ -70,11 +73,13 @@ class Case:
         self.meta = json.loads((fixtures_dir / f"{name}.json").read_text())
         npz = np.load(fixtures_dir / f"{name}.npz")
         self.arrays = {k: npz[k] for k in npz.files}
-        self.state_dict = {k[len("param/"):]: v for k, v in self.arrays.items() if k.startswith("param/")}
+        self.state_dict = {k[len("param/") :]: v for k, v in self.arrays.items() if k.startswith("param/")}
         self.model = load_unitok(self.state_dict, self.meta["model_config"])
         self.images = jnp.asarray(_nhwc(self.arrays["in/images"]))
         self.text_ids = jnp.asarray(self.arrays["in/text_ids"])
-        self.ties = {tuple(t[:3]) for t in self.meta["quantizer_index_ties"]["near_ties_margin_below_1e-4_[b,k,n,margin]"]}
+        self.ties = {
+            tuple(t[:3]) for t in self.meta["quantizer_index_ties"]["near_ties_margin_below_1e-4_[b,k,n,margin]"]
+        }
 
         a = self.arrays
         stored = tuple(jnp.asarray(a[k]) for k in ("out/encoder_tokens", "out/quant", "out/post_quant", "out/indices"))
@@ -127,15 +132,28 @@ def test_forward_intermediates(case):
     for key, ref in case.arrays.items():
         if not key.startswith("out/") or key.startswith(("out/loss_terms/", "out/vocab_usage_after_forward/")):
             continue
-        name = key[len("out/"):]
+        name = key[len("out/") :]
         if name in NOT_MODEL_OUTPUTS:
             continue
         assert name in case.inter, f"{case.name}: our forward does not produce {name}"
         if name == "indices":
             continue
-        if not downstream_ok and name not in ("enc_stem", "enc_stage1", "enc_stage2", "enc_pool", "z",
-                                               "z_normalized", "encoder_tokens", "quant_proj_shortcut",
-                                               "quant_proj_attn") and not name.startswith(("enc_block", "text_")):
+        if (
+            not downstream_ok
+            and name
+            not in (
+                "enc_stem",
+                "enc_stage1",
+                "enc_stage2",
+                "enc_pool",
+                "z",
+                "z_normalized",
+                "encoder_tokens",
+                "quant_proj_shortcut",
+                "quant_proj_attn",
+            )
+            and not name.startswith(("enc_block", "text_"))
+        ):
             continue
         assert_close(f"{case.name}/{name}", case.inter[name], _nhwc(ref), 2e-5)
         checked.append(name)
@@ -155,10 +173,15 @@ def test_index_margin_and_usage_buffers(case):
     assert_close(f"{case.name}/index_margin", top2[..., 1] - top2[..., 0], case.arrays["out/index_margin"], 2e-5)
     counts = np.asarray(case.aux["codebook_counts"])
     for j in range(k):
-        assert_close(f"{case.name}/vocab_usage/{j}", counts[j] / counts[j].sum(),
-                     case.arrays[f"out/vocab_usage_after_forward/{j}"], 2e-5)
-    assert_close(f"{case.name}/usage_pct", 100 * np.mean(case.aux["codebook_usage"]),
-                 case.arrays["out/codebook_usage_pct"], 2e-5)
+        assert_close(
+            f"{case.name}/vocab_usage/{j}",
+            counts[j] / counts[j].sum(),
+            case.arrays[f"out/vocab_usage_after_forward/{j}"],
+            2e-5,
+        )
+    assert_close(
+        f"{case.name}/usage_pct", 100 * np.mean(case.aux["codebook_usage"]), case.arrays["out/codebook_usage_pct"], 2e-5
+    )
 
 
 def test_loss_terms(case):
@@ -170,7 +193,7 @@ def test_gradients(case):
     stored = [k for k in case.arrays if k.startswith("grad/")]
     assert stored == [] or len(stored) >= 31
     for key in stored:
-        official = key[len("grad/"):]
+        official = key[len("grad/") :]
         assert official in case.grads, f"converter reverse map has no key {official}"
         assert_grad_close(f"{case.name}/{key}", case.grads[official], case.arrays[key])
 

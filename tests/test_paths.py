@@ -1,5 +1,6 @@
 """unitok_jax.paths — the one path layer (local and object-store paths) — and the rule that nothing else in the
 package touches paths with os.path / open / glob (they mistake gs://bucket/run for a relative local path)."""
+
 import ast
 import os
 import pathlib
@@ -46,7 +47,10 @@ def test_resolve_keeps_urls_and_makes_local_paths_absolute():
 def test_local_glob_atomic_write_append_and_listing(tmp_path):
     for name in ("b.array_record", "a.array_record", "c.txt"):
         paths.write_text_atomic(tmp_path / "d" / name, name)
-    assert paths.glob(f"{tmp_path}/d/*.array_record") == [f"{tmp_path}/d/a.array_record", f"{tmp_path}/d/b.array_record"]
+    assert paths.glob(f"{tmp_path}/d/*.array_record") == [
+        f"{tmp_path}/d/a.array_record",
+        f"{tmp_path}/d/b.array_record",
+    ]
     assert paths.listdir(tmp_path / "d") == ["a.array_record", "b.array_record", "c.txt"]
     assert paths.listdir(tmp_path / "missing") == []
     paths.append_text(tmp_path / "log.txt", "1\n")
@@ -68,7 +72,6 @@ def test_check_writable_fails_for_a_path_below_a_file(tmp_path):
     assert paths.listdir(tmp_path / "new" / "run") == []
 
 
-
 def test_check_writable_reports_a_read_only_file_system(read_only_dir):
     with pytest.raises(OSError, match="Read-only file system"):
         paths.check_writable(read_only_dir / "run")
@@ -77,7 +80,12 @@ def test_check_writable_reports_a_read_only_file_system(read_only_dir):
 def test_storage_emulator_host_configures_tensorstore(monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:4443")
     monkeypatch.delenv("TENSORSTORE_GCS_HTTP_URL", raising=False)
-    for name in ("GOOGLE_AUTH_TOKEN_FOR_TESTING", "FSSPEC_GCS_TOKEN", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "NO_GCE_CHECK"):
+    for name in (
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+        "FSSPEC_GCS_TOKEN",
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+        "NO_GCE_CHECK",
+    ):
         monkeypatch.delenv(name, raising=False)
     paths.configure_storage_emulator()
     assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == "http://127.0.0.1:4443"

@@ -1,5 +1,6 @@
 """Fail in the first minutes, not hours in: an unwritable workdir, a full disk during a save, the GAN step's compile
 and memory check at start-up, and the entry point's exit codes (launch/supervise.sh restarts on some, not others)."""
+
 import os
 import subprocess
 import sys
@@ -23,7 +24,6 @@ def _mount(args, target):
         subprocess.run(["mount", *args, str(target)], check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError) as e:
         pytest.skip(f"cannot mount here (needs root): {e}")
-
 
 
 @pytest.fixture
@@ -53,9 +53,20 @@ def test_read_only_workdir_exits_in_seconds_with_a_clear_message(read_only_dir, 
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     t0 = time.time()
     result = subprocess.run(
-        [sys.executable, "-m", "unitok_jax.main", f"--config={CONFIG_PY}:gan", f"--workdir={read_only_dir}/run",
-         f"--config.data.data_dir={tmp_path}/data"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "unitok_jax.main",
+            f"--config={CONFIG_PY}:gan",
+            f"--workdir={read_only_dir}/run",
+            f"--config.data.data_dir={tmp_path}/data",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     seconds = time.time() - t0
     assert result.returncode == entry.EXIT_CODES["WorkdirError"], result.stderr[-3000:]
     assert "is not writable" in result.stderr and "Read-only file system" in result.stderr

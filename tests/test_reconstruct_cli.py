@@ -1,4 +1,5 @@
 """`python -m unitok_jax.reconstruct` on an official-layout state dict (the parity fixture) and bad inputs."""
+
 import os
 import subprocess
 import sys
@@ -21,9 +22,22 @@ def test_reconstruct_cli_writes_pairs_and_codes(tmp_path, fixtures_dir):
     out = tmp_path / "out"
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     result = subprocess.run(
-        [sys.executable, "-m", "unitok_jax.reconstruct", f"--checkpoint={fixtures_dir / 'unitok_tiny.npz'}",
-         f"--images={images}", f"--output={out}", "--image_size=64", "--model_preset=tiny"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "unitok_jax.reconstruct",
+            f"--checkpoint={fixtures_dir / 'unitok_tiny.npz'}",
+            f"--images={images}",
+            f"--output={out}",
+            "--image_size=64",
+            "--model_preset=tiny",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reconstructed 2 images" in result.stdout
     assert sorted(os.listdir(out)) == ["a_recon.png", "b_recon.png", "codes.npz"]

@@ -12,6 +12,7 @@
 
 The malformed-sample fuzz itself (>= 1000 samples through decode and the pipeline) is tests/test_data_fuzz.py.
 """
+
 import gc
 import io
 import json
@@ -35,7 +36,10 @@ from unitok_jax.train import checkpointing, trainer
 # Orbax leaves the read coroutines of a failed restore to the garbage collector ("Exception ignored in
 # <coroutine _read_array_index_and_device_put>: GeneratorExit"); collect them here so they are not reported
 # against whichever test happens to run next.
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]  # trains or compiles train steps
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]  # trains or compiles train steps
 
 
 @pytest.fixture(autouse=True)
@@ -47,10 +51,14 @@ def _collect_orbax_coroutines():
 # ------------------------------------------------------------------------------------------------------------------
 # Damaged checkpoints, unit level.
 
+
 def _tree(seed: int):
     rng = np.random.default_rng(seed)
-    return {"w": rng.normal(size=(128, 64)).astype(np.float32), "b": rng.normal(size=(300,)).astype(np.float32),
-            "step": np.int32(seed)}
+    return {
+        "w": rng.normal(size=(128, 64)).astype(np.float32),
+        "b": rng.normal(size=(300,)).astype(np.float32),
+        "step": np.int32(seed),
+    }
 
 
 def _abstract(tree):
@@ -77,8 +85,12 @@ def _truncate(path, fraction=0.5):
 
 
 def _array_files(step_dir):
-    return [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs
-            if os.path.basename(r) == "d"]
+    return [
+        os.path.join(r, f)
+        for r, _, fs in os.walk(os.path.join(step_dir, "state"))
+        for f in fs
+        if os.path.basename(r) == "d"
+    ]
 
 
 DAMAGE = {
@@ -123,7 +135,9 @@ def test_interrupted_save_is_ignored_and_cleaned_up(tmp_path):
     shutil.copytree(os.path.join(directory, "4"), partial)
     os.remove(os.path.join(partial, "commit_success.txt"))
     ckpt = checkpointing.Checkpointer(directory, async_save=False)
-    step, _ = ckpt.restore_latest_good(_abstract(_tree(4)), _data_iter(), on_damaged=lambda s, e: pytest.fail(f"{s}: {e}"))
+    step, _ = ckpt.restore_latest_good(
+        _abstract(_tree(4)), _data_iter(), on_damaged=lambda s, e: pytest.fail(f"{s}: {e}")
+    )
     assert step == 4
     ckpt.save(6, jax.tree.map(jnp.asarray, _tree(6)))  # the tmp-dir cleanup is awaited before the next save
     ckpt.close()
@@ -183,6 +197,7 @@ def test_trainer_refuses_to_restart_from_scratch_over_damaged_checkpoints(tmp_pa
 # ------------------------------------------------------------------------------------------------------------------
 # Config errors before compilation.
 
+
 def _set(config, dotted, value):
     section, _, key = dotted.rpartition(".")
     node = config
@@ -194,7 +209,10 @@ def _set(config, dotted, value):
 CONFIG_ERRORS = [
     # (overrides, regex the message must match: it names the field)
     ({"model.quantizer.num_codebooks": 3}, r"quantizer\.num_codebooks\*codebook_dim=3\*4=12 != quant_proj\.out_dim=16"),
-    ({"model.quant_proj.out_dim": 18, "model.post_quant_proj.in_dim": 18}, r"num_codebooks\*codebook_dim.*quant_proj\.out_dim=18"),
+    (
+        {"model.quant_proj.out_dim": 18, "model.post_quant_proj.in_dim": 18},
+        r"num_codebooks\*codebook_dim.*quant_proj\.out_dim=18",
+    ),
     ({"model.encoder.vit_heads": 3}, r"encoder\.vit_width=64 is not divisible by encoder\.vit_heads=3"),
     ({"model.decoder.vit_heads": 5}, r"decoder\.vit_width=64 is not divisible by decoder\.vit_heads=5"),
     ({"model.text.heads": 5}, r"text\.width=64 is not divisible by text\.heads=5"),
@@ -211,7 +229,10 @@ CONFIG_ERRORS = [
     ({"loss.lpips": 1.0}, r"config\.loss\.lpips_path: .*no weight file is set\. Fix:"),
     ({"loss.lpips": 1.0, "loss.lpips_path": "/nonexistent/vgg.pth"}, r"config\.loss\.lpips_path: .*does not exist"),
     ({"discriminator.name": "dino"}, r"config\.discriminator\.dino_path: .*no weight file is set\. Fix:"),
-    ({"discriminator.name": "dino", "discriminator.dino_path": "/nonexistent/dinov2.pth"}, r"config\.discriminator\.dino_path: .*does not exist"),
+    (
+        {"discriminator.name": "dino", "discriminator.dino_path": "/nonexistent/dinov2.pth"},
+        r"config\.discriminator\.dino_path: .*does not exist",
+    ),
     ({"loss.gan_start": -1.0}, r"config\.loss\.gan_start: durations must be >= 0"),
 ]
 
@@ -233,8 +254,10 @@ def test_invalid_config_fails_before_compilation(tmp_path, monkeypatch, override
 
 def test_unknown_config_field_on_the_command_line_is_rejected(tmp_path):
     """Typos such as --config.loss.lpis fail at flag parsing (the config is locked), with a suggestion."""
-    run = rc.Run(["--config=configs/unitok.py:tiny", f"--workdir={tmp_path / 'run'}", "--config.loss.lpis=1.0"],
-                 str(tmp_path / "cli"))
+    run = rc.Run(
+        ["--config=configs/unitok.py:tiny", f"--workdir={tmp_path / 'run'}", "--config.loss.lpis=1.0"],
+        str(tmp_path / "cli"),
+    )
     assert run.finish(timeout=300) != 0
     assert 'Did you mean "lpips"' in run.stderr(), run.describe()
     assert not os.path.exists(tmp_path / "run")
@@ -242,6 +265,7 @@ def test_unknown_config_field_on_the_command_line_is_rejected(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------------------
 # Real runs (subprocesses on one CPU device sharing the compile cache with test_reliability_resume.py).
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -293,9 +317,13 @@ def test_bad_records_are_counted_and_io_errors_do_not_stop_training(tmp_path, da
     (workdir / "images").write_text("not a directory")
     (workdir / "tensorboard").write_text("not a directory")
     metrics = workdir / "metrics.jsonl"
-    args = rc.train_args(workdir, data_dir, "--config.data.name=array_record",
-                         f"--config.data.train_files={shards / 'train.array_record'}",
-                         f"--config.data.eval_files={shards / 'train.array_record'}")
+    args = rc.train_args(
+        workdir,
+        data_dir,
+        "--config.data.name=array_record",
+        f"--config.data.train_files={shards / 'train.array_record'}",
+        f"--config.data.eval_files={shards / 'train.array_record'}",
+    )
     run = rc.Run(args, str(tmp_path / "log"))
 
     assert run.wait_for(lambda: run.last_step() >= 4), run.describe()
@@ -321,7 +349,9 @@ def test_bad_records_are_counted_and_io_errors_do_not_stop_training(tmp_path, da
     assert rc.committed_steps(workdir)[-1] == rc.TOTAL_STEPS
 
     # Training records only (periodic evals append their own records to the same file).
-    before, after = [[r for r in _jsonl(path) if "train/loss/total" in r] for path in (tmp_path / "metrics_part1.jsonl", metrics)]
+    before, after = [
+        [r for r in _jsonl(path) if "train/loss/total" in r] for path in (tmp_path / "metrics_part1.jsonl", metrics)
+    ]
     assert before[0]["step"] == 1 and after[-1]["step"] == rc.TOTAL_STEPS
     lost = set(range(1, rc.TOTAL_STEPS + 1)) - {r["step"] for r in before + after}
     assert lost and min(lost) > blocked_from - 1 and max(lost) <= unblocked_at + 1, sorted(lost)
@@ -329,10 +359,10 @@ def test_bad_records_are_counted_and_io_errors_do_not_stop_training(tmp_path, da
     assert skipped == sorted(skipped) and skipped[-1] > 0
     # 16 steps x 8 rows = 128 good rows = one epoch's 96 good records + 32; about a quarter more were skipped.
     assert num_bad <= skipped[-1] <= num_bad + 16, (num_bad, skipped[-1])
-    print(f"bad records: {num_bad} of 128; data/skipped at step {rc.TOTAL_STEPS}: {skipped[-1]}; "
-          f"metrics lost while blocked: {sorted(lost)}")
-
-
+    print(
+        f"bad records: {num_bad} of 128; data/skipped at step {rc.TOTAL_STEPS}: {skipped[-1]}; "
+        f"metrics lost while blocked: {sorted(lost)}"
+    )
 
 
 @pytest.mark.slow
@@ -341,8 +371,11 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpo
     due checkpoints at 6 and 8 are not written, the run stops at step 8 naming it, and step 4 is the newest."""
     monkeypatch.setenv("RELIABILITY_POISON_AFTER", "5")
     workdir = tmp_path / "run"
-    run = rc.Run(rc.train_args(workdir, data_dir, "--config.max_consecutive_nonfinite=3"), str(tmp_path / "log"),
-                 python_code=rc.DRIVER)
+    run = rc.Run(
+        rc.train_args(workdir, data_dir, "--config.max_consecutive_nonfinite=3"),
+        str(tmp_path / "log"),
+        python_code=rc.DRIVER,
+    )
     assert run.finish() not in (0, -signal.SIGKILL), run.describe()
     out = run.stdout() + run.stderr()
     assert "NonFiniteError" in run.stderr(), run.describe()

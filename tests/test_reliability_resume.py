@@ -4,6 +4,7 @@ checkpoint ends with a TrainState bitwise equal to an uninterrupted run's, losin
 checkpoint. Every run is a real subprocess on one CPU device with the micro config of tests/reliability_config.py;
 a shared persistent compilation cache makes the restarts cheap (the first run pays the compile).
 """
+
 import os
 import random
 import re
@@ -59,7 +60,9 @@ def test_sigkill_and_sigterm_restarts_resume_bitwise(reference, data_dir, tmp_pa
 
     def start(i):
         if i == 1:  # the same command, with each async save's commit held back 3 s so the kill surely lands in one
-            return rc.Run(args, str(tmp_path / f"attempt{i}"), python_code=rc.DRIVER, env={"RELIABILITY_SLOW_COMMIT_S": "3"})
+            return rc.Run(
+                args, str(tmp_path / f"attempt{i}"), python_code=rc.DRIVER, env={"RELIABILITY_SLOW_COMMIT_S": "3"}
+            )
         return rc.Run(args, str(tmp_path / f"attempt{i}"))
 
     def check_resumed(run, i):
@@ -69,7 +72,9 @@ def test_sigkill_and_sigterm_restarts_resume_bitwise(reference, data_dir, tmp_pa
         if newest_expected == 0:
             assert "started from scratch" in run.stdout(), run.describe()
         else:
-            assert got == newest_expected, f"attempt {i}: resumed at {got}, newest good checkpoint {newest_expected}\n{run.describe()}"
+            assert got == newest_expected, (
+                f"attempt {i}: resumed at {got}, newest good checkpoint {newest_expected}\n{run.describe()}"
+            )
 
     # 1) SIGKILL a few steps after the first checkpoint is committed (mid-step, mid-logging or mid-save).
     # 2) SIGKILL the moment a later async save is in flight ('<step>.orbax-checkpoint-tmp*' exists).
@@ -80,17 +85,30 @@ def test_sigkill_and_sigterm_restarts_resume_bitwise(reference, data_dir, tmp_pa
         run = start(i)
         check_resumed(run, i)
         if i == 0:
-            _wait_then(run, lambda: rc.committed_steps(workdir) and run.last_step() >= 3, lambda: time.sleep(rnd.uniform(0, 0.3)), "step 3")
+            _wait_then(
+                run,
+                lambda: rc.committed_steps(workdir) and run.last_step() >= 3,
+                lambda: time.sleep(rnd.uniform(0, 0.3)),
+                "step 3",
+            )
             kind = "SIGKILL after step 3 + random delay"
         elif i == 1:
             target = max(rc.committed_steps(workdir) or [0]) + 4  # not the first save after the restart
-            _wait_then(run, lambda: any(int(d.split(".")[0]) >= target for d in rc.in_flight_saves(workdir)), lambda: None,
-                       f"the save of step {target} in flight")
+            _wait_then(
+                run,
+                lambda: any(int(d.split(".")[0]) >= target for d in rc.in_flight_saves(workdir)),
+                lambda: None,
+                f"the save of step {target} in flight",
+            )
             kind = f"SIGKILL during the async save of step {target}"
         elif i == 2:
             target = max(rc.committed_steps(workdir) or [0]) + 2
-            _wait_then(run, lambda: max(rc.committed_steps(workdir) or [0]) >= target, lambda: time.sleep(rnd.uniform(0, 0.3)),
-                       f"checkpoint {target}")
+            _wait_then(
+                run,
+                lambda: max(rc.committed_steps(workdir) or [0]) >= target,
+                lambda: time.sleep(rnd.uniform(0, 0.3)),
+                f"checkpoint {target}",
+            )
             kind = f"SIGKILL after checkpoint {target} + random delay"
         elif i == 3:
             target = run.last_step() + 3
@@ -116,8 +134,15 @@ def test_sigkill_and_sigterm_restarts_resume_bitwise(reference, data_dir, tmp_pa
             run.finish(timeout=60)
             assert run.proc.returncode == -signal.SIGKILL
         newest_expected = max(rc.committed_steps(workdir) or [0])
-        trials.append(dict(kind=kind, step_at_signal=step_at_signal, save_in_flight=bool(in_flight),
-                           newest_checkpoint=newest_expected, lost_steps=max(step_at_signal - newest_expected, 0)))
+        trials.append(
+            dict(
+                kind=kind,
+                step_at_signal=step_at_signal,
+                save_in_flight=bool(in_flight),
+                newest_checkpoint=newest_expected,
+                lost_steps=max(step_at_signal - newest_expected, 0),
+            )
+        )
         if kind == "SIGTERM":
             assert newest_expected == stopped  # nothing lost on preemption
     print("trials:", trials)
@@ -135,8 +160,12 @@ def test_damaged_newest_checkpoint_falls_back_and_still_matches(reference, data_
     steps = rc.committed_steps(workdir)
     assert len(steps) >= 3, steps
     newest, second, good = steps[-1], steps[-2], steps[-3]
-    arrays = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(ckpts, str(newest), "state")) for f in fs
-              if os.path.basename(r) == "d"]
+    arrays = [
+        os.path.join(r, f)
+        for r, _, fs in os.walk(os.path.join(ckpts, str(newest), "state"))
+        for f in fs
+        if os.path.basename(r) == "d"
+    ]
     biggest = max(arrays, key=os.path.getsize)
     with open(biggest, "r+b") as f:
         f.truncate(os.path.getsize(biggest) // 2)

@@ -1,4 +1,5 @@
 """Multi-scale residual quantisation (TokenFlow §3.4-3.5) and the RQ baseline with UniTok's MCQ interface."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,8 +85,7 @@ def test_residual_shrinks_across_scales_on_smooth_input():
 
 def test_outputs_losses_and_decode_from_indices():
     m = _msrq()
-    h = _smooth_map(norm=1.0) + 0.3 * jnp.asarray(np.random.default_rng(2).normal(size=(2, 8, 8, DS + DP)),
-                                                  jnp.float32)
+    h = _smooth_map(norm=1.0) + 0.3 * jnp.asarray(np.random.default_rng(2).normal(size=(2, 8, 8, DS + DP)), jnp.float32)
     f, aux = jax.device_get(_run(m, h))
     assert aux["indices"].shape == (2, 85) and aux["indices"].dtype == np.int32
     np.testing.assert_array_equal(aux["indices"], np.concatenate(aux["indices_per_scale"], 1))
@@ -173,8 +173,12 @@ def test_rq_interface_and_ste():
     assert aux["codebook_counts"].shape == (3, 32) and aux["codebook_usage"].shape == (3,)
     assert aux["codebook_perplexity"].shape == (3,) and aux["loss_per_codebook"].shape == (3,)
     np.testing.assert_array_equal(aux["codebook_counts"].sum(-1), [10, 10, 10])
-    for a, b in (("loss", "vq_loss"), ("counts", "codebook_counts"), ("usage", "codebook_usage"),
-                 ("perplexity", "codebook_perplexity")):
+    for a, b in (
+        ("loss", "vq_loss"),
+        ("counts", "codebook_counts"),
+        ("usage", "codebook_usage"),
+        ("perplexity", "codebook_perplexity"),
+    ):
         np.testing.assert_array_equal(aux[a], aux[b])
     np.testing.assert_allclose(quant, aux["quant_lookup"], atol=1e-6)  # forward value = sum of codes
     np.testing.assert_array_equal(jax.jit(rq.encode)(z), aux["indices"])
@@ -258,9 +262,12 @@ def test_unitok_quantizer_type_switch_builds_the_rq_ablation():
     assert float(jnp.sum(jnp.abs(jax.tree.leaves(grads["encoder"])[0]))) > 0
     np.testing.assert_array_equal(np.asarray(model.img_to_idx(images)), np.asarray(aux["indices"]))
     # Decoding the indices = decoding the quantized latent (the sum of the k stage codes).
-    np.testing.assert_allclose(np.asarray(model.idx_to_img(aux["indices"])),
-                               np.clip(np.asarray(rec_from_latent := model.decode_latent(
-                                   model.quantizer.lookup(aux["indices"]))), -1, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(model.idx_to_img(aux["indices"])),
+        np.clip(np.asarray(rec_from_latent := model.decode_latent(model.quantizer.lookup(aux["indices"]))), -1, 1),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert rec_from_latent.shape == images.shape
     with pytest.raises(ValueError, match="official UniTok layout only has the multi-codebook"):
         to_official_state_dict(model)

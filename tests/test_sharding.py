@@ -1,4 +1,5 @@
 """Mesh creation and logical-axis → mesh-axis rules."""
+
 import pytest
 
 import jax

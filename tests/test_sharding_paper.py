@@ -11,6 +11,7 @@ after an intended change with
 
 and review the diff of tests/fixtures/paper_param_shardings.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,9 +55,12 @@ def paper_config(scan_blocks: bool = True):
 def abstract_params(config):
     """(generator params, discriminator params) as abstract nnx.States (ShapeDtypeStruct leaves)."""
     seed = int(config.seed)
-    model = nnx.eval_shape(lambda: build_model(config.model_name, config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1)))
-    disc = nnx.eval_shape(lambda: build_discriminator(config.discriminator.name, config.discriminator,
-                                                      rngs=nnx.Rngs(params=seed + 2)))
+    model = nnx.eval_shape(
+        lambda: build_model(config.model_name, config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    )
+    disc = nnx.eval_shape(
+        lambda: build_discriminator(config.discriminator.name, config.discriminator, rngs=nnx.Rngs(params=seed + 2))
+    )
     return nnx.state(model, nnx.Param), nnx.state(disc, nnx.Param)
 
 
@@ -81,7 +85,7 @@ def paper_param_specs() -> dict:
     gen, disc = abstract_params(config)
     return {
         "_comment": "PartitionSpec of every trainable param of configs/unitok.py:paper on a (data=1, fsdp=16, tensor=1) mesh; "
-                    "regenerate with: python tests/test_sharding_paper.py --regenerate",
+        "regenerate with: python tests/test_sharding_paper.py --regenerate",
         "mesh": dict(zip(shd.MESH_AXES, GOLDEN_MESH)),
         "rules": config.mesh.rules,
         "generator": param_specs(gen, mesh, rules),

@@ -1,4 +1,5 @@
 """Shared-mapping dual codebook (TokenFlow §3.2-3.3): assignment, straight-through, losses, usage statistics."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

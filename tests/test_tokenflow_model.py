@@ -3,6 +3,7 @@
 Numerical parity against the official code is in test_tokenflow_parity.py; this file uses a micro config
 (16 px, 4x4 grid) so every compile stays small.
 """
+
 import logging
 
 import jax
@@ -14,11 +15,17 @@ from flax import nnx
 import unitok_jax  # noqa: F401
 from unitok_jax.convert.tokenflow import load_teacher, tokenflow_key_map
 from unitok_jax.losses.distillation import cosine_distillation_loss
-from unitok_jax.models.bicubic import (area_matrix, area_resize, bicubic_matrix, bicubic_resize,
-                                       interpolate_pos_table)
+from unitok_jax.models.bicubic import area_matrix, area_resize, bicubic_matrix, bicubic_resize, interpolate_pos_table
 from unitok_jax.models.clip_vit import CLIPViT, ViTConfig
-from unitok_jax.models.tokenflow import (TOKENFLOW_TRAIN_RECIPES, ShapeOnlyRngs, abstract_tokenflow, normalize_config,
-                                         numpy_fill_, random_tokenflow, tokenflow_model_config)
+from unitok_jax.models.tokenflow import (
+    TOKENFLOW_TRAIN_RECIPES,
+    ShapeOnlyRngs,
+    abstract_tokenflow,
+    normalize_config,
+    numpy_fill_,
+    random_tokenflow,
+    tokenflow_model_config,
+)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -26,16 +33,32 @@ MICRO = {
     "image_size": 16,
     "scales": [1, 2, 4],
     "infer_interpolate": False,
-    "semantic_encoder": {"kind": "clip_vit", "input_resolution": 16, "patch_size": 4, "width": 32, "layers": 1,
-                         "heads": 2, "act": "quick_gelu", "class_token": True},
+    "semantic_encoder": {
+        "kind": "clip_vit",
+        "input_resolution": 16,
+        "patch_size": 4,
+        "width": 32,
+        "layers": 1,
+        "heads": 2,
+        "act": "quick_gelu",
+        "class_token": True,
+    },
     "encode_task_layer": {"hidden": 32, "out": 8, "act": "tanh"},
     "pixel_encoder": {"ch": 32, "ch_mult": [1, 1, 1], "num_res_blocks": 1, "z_channels": 32},
     "quantizer": {"codebook_size": 64, "semantic_dim": 8, "pixel_dim": 4, "w_dis": 1.0, "beta": 0.25},
     "semantic_decoder": {"embed_dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2, "out_dim": 16},
     "decode_task_layer": {"hidden": 32, "out": 16, "act": "tanh"},
     "pixel_decoder": {"ch": 32, "ch_mult": [1, 1, 1], "num_res_blocks": 1, "z_channels": 32},
-    "teacher": {"kind": "clip_vit", "input_resolution": 16, "patch_size": 4, "width": 32, "layers": 1, "heads": 2,
-                "proj_dim": 16, "normalize": "clip"},
+    "teacher": {
+        "kind": "clip_vit",
+        "input_resolution": 16,
+        "patch_size": 4,
+        "width": 32,
+        "layers": 1,
+        "heads": 2,
+        "proj_dim": 16,
+        "normalize": "clip",
+    },
 }
 
 
@@ -64,8 +87,9 @@ def _torch_bicubic_1d_reference(x, out_size, scale=None):
 
 def test_bicubic_known_pytorch_values():
     # torch.nn.functional.interpolate(torch.tensor([[[[0., 1.]]]]), size=(1, 4), mode='bicubic')
-    np.testing.assert_allclose(bicubic_matrix(2, 4) @ np.array([0.0, 1.0]),
-                               [-0.10546875, 0.2265625, 0.7734375, 1.10546875], atol=1e-12)
+    np.testing.assert_allclose(
+        bicubic_matrix(2, 4) @ np.array([0.0, 1.0]), [-0.10546875, 0.2265625, 0.7734375, 1.10546875], atol=1e-12
+    )
     # spec §10.1: 2x2 -> 14x14 PyTorch bicubic overshoots to [-0.33, 3.33] for inputs in [0, 3]
     y = bicubic_resize(jnp.array([[0.0, 1.0], [2.0, 3.0]])[None, :, :, None], 14)
     assert abs(float(y.min()) + 0.328) < 1e-3 and abs(float(y.max()) - 3.328) < 1e-3
@@ -75,8 +99,9 @@ def test_bicubic_known_pytorch_values():
     np.testing.assert_allclose(bicubic_matrix(5, 5), np.eye(5), atol=1e-12)
 
 
-@pytest.mark.parametrize("n,m,scale", [(4, 5, None), (4, 5, 5.1 / 4), (14, 16, 16.1 / 14), (27, 22, None),
-                                       (2, 7, None), (6, 3, None)])
+@pytest.mark.parametrize(
+    "n,m,scale", [(4, 5, None), (4, 5, 5.1 / 4), (14, 16, 16.1 / 14), (27, 22, None), (2, 7, None), (6, 3, None)]
+)
 def test_bicubic_matches_direct_kernel(n, m, scale):
     rng = np.random.default_rng(0)
     x = rng.normal(size=n)
@@ -126,8 +151,15 @@ def test_area_is_adaptive_avg_pool():
 
 # ------------------------------------------------------------------------------------------------ modules
 def test_vit_variants():
-    cfg = {"kind": "siglip_vit", "input_resolution": 28, "patch_size": 14, "width": 32, "layers": 3, "heads": 2,
-           "mlp_dim": 48}
+    cfg = {
+        "kind": "siglip_vit",
+        "input_resolution": 28,
+        "patch_size": 14,
+        "width": 32,
+        "layers": 3,
+        "heads": 2,
+        "mlp_dim": 48,
+    }
     vc = ViTConfig.from_dict(cfg)
     assert (vc.class_token, vc.act, vc.ln_eps, vc.num_blocks, vc.patch_bias) == (False, "gelu_tanh", 1e-6, 2, True)
     vit = nnx.eval_shape(lambda: CLIPViT(vc, rngs=nnx.Rngs(0)))
@@ -169,9 +201,11 @@ def micro_out(micro):
         idx = m.img_to_idx(x)
         sem_dc, pix_dc = m.decode_code(idx)
         img = m.idx_to_img(idx)
-        grads = {"conv1": grads.encoder_vqkd.conv1.kernel[...],
-                 "codebook": grads.quantize.quantizer.embedding_sem[...],
-                 "conv_out": grads.decoder.conv_out.kernel[...]}
+        grads = {
+            "conv1": grads.encoder_vqkd.conv1.kernel[...],
+            "codebook": grads.quantize.quantizer.embedding_sem[...],
+            "conv_out": grads.decoder.conv_out.kernel[...],
+        }
         return rec, aux, idx, sem_dc, pix_dc, img, grads
 
     return x, jax.device_get(run(micro))
@@ -203,8 +237,13 @@ def test_decode_code_consistency(micro, micro_out):
     np.testing.assert_array_equal(img, np.clip(pix_dc, -1, 1))
     # a prefix of whole scales decodes (official decode_code accepts prefix sums)
     f2 = jax.jit(micro.indices_to_quant)(jnp.asarray(idx[:, :5]))
-    np.testing.assert_allclose(f2, np.asarray(jax.jit(micro.indices_to_quant)(
-        jnp.asarray(np.concatenate([idx[:, :5], -np.ones((2, 16), np.int32)], 1)))), atol=1e-6)
+    np.testing.assert_allclose(
+        f2,
+        np.asarray(
+            jax.jit(micro.indices_to_quant)(jnp.asarray(np.concatenate([idx[:, :5], -np.ones((2, 16), np.int32)], 1)))
+        ),
+        atol=1e-6,
+    )
     with pytest.raises(ValueError, match="prefix"):
         micro.quantize.split_indices(jnp.zeros((2, 3), jnp.int32))
 
@@ -232,12 +271,15 @@ def test_cosine_distillation_loss():
 
 
 # ------------------------------------------------------------------------------------------------ presets
-@pytest.mark.parametrize("name,tokens,params,counts", [
-    ("clipb_224", 561, 181_902_251, {"encoder_vqkd": 151, "encoder": 144, "decoder": 194, "decoder_vqkd": 45}),
-    ("clipb_256", 817, 181_902_251, {"encoder_vqkd": 151, "encoder": 144, "decoder": 194, "decoder_vqkd": 45}),
-    ("clipb_256_enhanced", 817, 376_569_643, {"decoder": 294}),
-    ("siglip_384", 2227, 523_529_803, {"encoder_vqkd": 3 + 26 * 16, "decoder": 194}),
-])
+@pytest.mark.parametrize(
+    "name,tokens,params,counts",
+    [
+        ("clipb_224", 561, 181_902_251, {"encoder_vqkd": 151, "encoder": 144, "decoder": 194, "decoder_vqkd": 45}),
+        ("clipb_256", 817, 181_902_251, {"encoder_vqkd": 151, "encoder": 144, "decoder": 194, "decoder_vqkd": 45}),
+        ("clipb_256_enhanced", 817, 376_569_643, {"decoder": 294}),
+        ("siglip_384", 2227, 523_529_803, {"encoder_vqkd": 3 + 26 * 16, "decoder": 194}),
+    ],
+)
 def test_presets_match_spec(name, tokens, params, counts):
     """Token counts (spec §1), parameter counts (spec §7: 181.90 M, 376.57 M, 523.53 M trainable SigLIP) and
     official state-dict key counts per prefix (spec §7 table)."""
@@ -275,7 +317,12 @@ def test_config_errors_and_recipes():
     assert c["quantizer"]["w_dis"] == 0.5
     r = TOKENFLOW_TRAIN_RECIPES["clipb_224"]
     assert (r["learning_rate"], r["b2"], r["grad_clip_norm"], r["disc_start"], r["disc_weight"]) == (
-        1e-4, 0.95, 1.0, 20000, 0.5)
+        1e-4,
+        0.95,
+        1.0,
+        20000,
+        0.5,
+    )
 
 
 def test_load_teacher_random_warns(caplog):
@@ -286,8 +333,11 @@ def test_load_teacher_random_warns(caplog):
     out = t(x)
     assert out.shape == (1, 16, 16)
     # CLIP mean/std preprocessing of a mid-grey image
-    np.testing.assert_allclose(t.preprocess(x)[0, 0, 0], (0.5 - np.array([0.48145466, 0.4578275, 0.40821073]))
-                               / np.array([0.26862954, 0.26130258, 0.27577711]), rtol=1e-6)
+    np.testing.assert_allclose(
+        t.preprocess(x)[0, 0, 0],
+        (0.5 - np.array([0.48145466, 0.4578275, 0.40821073])) / np.array([0.26862954, 0.26130258, 0.27577711]),
+        rtol=1e-6,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ sharding / dtype

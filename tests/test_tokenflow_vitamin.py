@@ -4,6 +4,7 @@ and student loading from timm weights, and a training run that starts the studen
 No TokenFlow ViTamin checkpoint was released, so there is no official golden output; the ViTamin blocks themselves
 are the UniTok encoder's, which test_parity_unitok.py checks against the official code.
 """
+
 import json
 import os
 
@@ -15,13 +16,28 @@ import pytest
 from flax import nnx
 
 import unitok_jax  # noqa: F401
-from unitok_jax.convert.tokenflow import (load_semantic_encoder, load_teacher, load_tokenflow, to_official_state_dict,
-                                          tokenflow_key_map)
+from unitok_jax.convert.tokenflow import (
+    load_semantic_encoder,
+    load_teacher,
+    load_tokenflow,
+    to_official_state_dict,
+    tokenflow_key_map,
+)
 from unitok_jax.models.tokenflow import abstract_tokenflow, clip_normalize, random_tokenflow
 
-_VIT = {"kind": "vitamin", "input_resolution": 32, "stem_width": 8, "stage_widths": [8, 16], "stage_depths": [1, 1],
-        "mbconv_expand_ratio": 2.0, "vit_width": 32, "vit_depth": 1, "vit_heads": 2, "mlp_ratio": 2.0,
-        "final_norm": False}
+_VIT = {
+    "kind": "vitamin",
+    "input_resolution": 32,
+    "stem_width": 8,
+    "stage_widths": [8, 16],
+    "stage_depths": [1, 1],
+    "mbconv_expand_ratio": 2.0,
+    "vit_width": 32,
+    "vit_depth": 1,
+    "vit_heads": 2,
+    "mlp_ratio": 2.0,
+    "final_norm": False,
+}
 MICRO = {
     "image_size": 32,
     "scales": [1, 2],
@@ -44,7 +60,9 @@ def _param_count(module) -> int:
 def _timm_state_dict(model) -> dict:
     """The micro student's tower as a timm ViTamin checkpoint would hold it (plus head/fc_norm, which TokenFlow
     deletes and the loaders must ignore)."""
-    sd = {k[len("encoder_vqkd."):]: v for k, v in to_official_state_dict(model).items() if k.startswith("encoder_vqkd.")}
+    sd = {
+        k[len("encoder_vqkd.") :]: v for k, v in to_official_state_dict(model).items() if k.startswith("encoder_vqkd.")
+    }
     sd["fc_norm.weight"], sd["fc_norm.bias"] = np.ones(32, np.float32), np.zeros(32, np.float32)
     sd["head.weight"], sd["head.bias"] = np.zeros((10, 32), np.float32), np.zeros(10, np.float32)
     return sd
@@ -71,8 +89,9 @@ def test_vitamin_xlarge_256_preset_has_the_timm_geometry():
 def test_round_trip_teacher_and_student_loading_from_timm_weights(tmp_path):
     model = random_tokenflow(MICRO, seed=3)
     again = load_tokenflow(to_official_state_dict(model), MICRO)
-    for (pa, a), (pb, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
-                                nnx.to_flat_state(nnx.state(again, nnx.Param))):
+    for (pa, a), (pb, b) in zip(
+        nnx.to_flat_state(nnx.state(model, nnx.Param)), nnx.to_flat_state(nnx.state(again, nnx.Param))
+    ):
         assert pa == pb
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
 
@@ -80,8 +99,9 @@ def test_round_trip_teacher_and_student_loading_from_timm_weights(tmp_path):
     np.savez(path, **_timm_state_dict(model))
     teacher = load_teacher(str(path), MICRO)
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
-    np.testing.assert_allclose(np.asarray(teacher(x)), np.asarray(model.encoder_vqkd(clip_normalize(x))[0]),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(teacher(x)), np.asarray(model.encoder_vqkd(clip_normalize(x))[0]), rtol=1e-5, atol=1e-6
+    )
     student = dict(nnx.to_flat_state(load_semantic_encoder(str(path), MICRO)))
     ours = dict(nnx.to_flat_state(nnx.state(model.encoder_vqkd, nnx.Param)))
     assert student.keys() == ours.keys()
@@ -131,8 +151,12 @@ def test_tiny_tokenflow_trains_with_a_pretrained_vitamin_student(tmp_path):
 
     def by_name(tree):  # restored checkpoints are plain dicts ('value' leaves, string indices)
         flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-        return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path if getattr(k, "key", None) != "value"):
-                np.asarray(v.get_value() if isinstance(v, nnx.Variable) else v) for path, v in flat}
+        return {
+            "/".join(
+                str(getattr(k, "key", getattr(k, "idx", k))) for k in path if getattr(k, "key", None) != "value"
+            ): np.asarray(v.get_value() if isinstance(v, nnx.Variable) else v)
+            for path, v in flat
+        }
 
     trained = by_name(restore_params_only(os.path.join(workdir, "checkpoints", "2"), None)["encoder_vqkd"])
     want = by_name(nnx.state(pretrained.encoder_vqkd, nnx.Param))

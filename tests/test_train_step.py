@@ -1,4 +1,5 @@
 """The jitted train step: sharded over 8 devices equals the single-device step; non-finite steps are dropped."""
+
 import numpy as np
 
 import jax
@@ -8,6 +9,7 @@ from unitok_jax.parallel import sharding as shd
 from unitok_jax.train import trainer
 
 import pytest
+
 pytestmark = pytest.mark.slow  # trains or compiles train steps
 
 
@@ -38,7 +40,12 @@ def test_sharded_step_equals_single_device_step(tmp_path):
     batch = _batch(config)
     sharded, m_sharded, components, live_state = _run(config, shd.create_mesh(config.mesh), batch)
     # Parameters really are distributed on the fsdp mesh.
-    specs = [s.spec for s in jax.tree.leaves(components.state_shardings.params, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))]
+    specs = [
+        s.spec
+        for s in jax.tree.leaves(
+            components.state_shardings.params, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding)
+        )
+    ]
     assert any(any(a is not None for a in spec) for spec in specs)
 
     single_cfg = micro_config(tmp_path, gan=True)

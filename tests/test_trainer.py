@@ -1,4 +1,5 @@
 """End-to-end trainer on the embedded dataset: outputs, resume from checkpoint (incl. the data iterator), errors."""
+
 import json
 import os
 
@@ -26,7 +27,14 @@ def test_train_writes_outputs_and_resume_matches_uninterrupted_run(tmp_path, mon
     records = [json.loads(line) for line in open(os.path.join(full_dir, "metrics.jsonl"))]
     records = [r for r in records if "train/loss/total" in r]  # periodic-eval records share the file
     assert sorted({r["step"] for r in records}) == [1, 2, 3, 4]
-    for key in ("train/loss/l1", "train/loss/l2", "train/loss/vq", "train/loss/clip", "train/codebook/usage", "perf/images_per_sec"):
+    for key in (
+        "train/loss/l1",
+        "train/loss/l2",
+        "train/loss/vq",
+        "train/loss/clip",
+        "train/codebook/usage",
+        "perf/images_per_sec",
+    ):
         assert key in records[-1], key
     assert "train/loss/g_adv" in records[-1] and "train/loss/d" in records[-1]
     assert sorted(os.listdir(os.path.join(full_dir, "images")))[-1].endswith(".png")

@@ -3,6 +3,7 @@
 Numerical runs reuse the tiny fixture weights (loaded abstractly through the converter: no init compute) and put
 everything one test needs into a single compiled function to keep CPU compile time low.
 """
+
 import json
 import math
 
@@ -28,7 +29,7 @@ def fx(fixtures_dir):
     meta = json.loads((fixtures_dir / "unitok_tiny.json").read_text())
     npz = np.load(fixtures_dir / "unitok_tiny.npz")
     arrays = {k: npz[k] for k in npz.files}
-    sd = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
+    sd = {k[len("param/") :]: v for k, v in arrays.items() if k.startswith("param/")}
     images = jnp.asarray(arrays["in/images"].transpose(0, 2, 3, 1))
     ids = jnp.asarray(arrays["in/text_ids"])
     return meta["model_config"], sd, arrays, images, ids
@@ -47,8 +48,12 @@ def fp32_run(fx):
         b, k, n = idx.shape
         # idx_to_img = clip(decode_latent(lookup(idx))): one decoder copy covers both (each copy costs compile time).
         return {
-            "rec": rec, "aux": aux, "img_to_idx": idx, "idx_to_img": m.idx_to_img(idx.reshape(b, k, 4, 4)),
-            "encode_image": m.encode_image(images), "encode_text": m.encode_text(ids),
+            "rec": rec,
+            "aux": aux,
+            "img_to_idx": idx,
+            "idx_to_img": m.idx_to_img(idx.reshape(b, k, 4, 4)),
+            "encode_image": m.encode_image(images),
+            "encode_text": m.encode_text(ids),
             "last_conv_out": m.last_decoder_conv(aux["decoder_last_input"]),
         }
 
@@ -63,12 +68,19 @@ def test_aux_entries_shapes_and_values(fx, fp32_run):
     aux = out["aux"]
     b, k, kk, n = 2, 4, 64, 16
     expected = {
-        "indices": ((b, k, n), np.int32), "vq_loss": ((), np.float32), "codebook_counts": ((k, kk), np.float32),
-        "codebook_usage": ((k,), np.float32), "codebook_perplexity": ((k,), np.float32),
-        "encoder_tokens": ((b, n, 128), np.float32), "z": ((b, n, 16), np.float32),
-        "z_normalized": ((b, n, 16), np.float32), "quant": ((b, n, 16), np.float32),
-        "post_quant": ((b, n, 128), np.float32), "decoder_last_input": ((b, 64, 64, 32), np.float32),
-        "clip_image_features": ((b, 32), np.float32), "clip_text_features": ((b, 32), np.float32),
+        "indices": ((b, k, n), np.int32),
+        "vq_loss": ((), np.float32),
+        "codebook_counts": ((k, kk), np.float32),
+        "codebook_usage": ((k,), np.float32),
+        "codebook_perplexity": ((k,), np.float32),
+        "encoder_tokens": ((b, n, 128), np.float32),
+        "z": ((b, n, 16), np.float32),
+        "z_normalized": ((b, n, 16), np.float32),
+        "quant": ((b, n, 16), np.float32),
+        "post_quant": ((b, n, 128), np.float32),
+        "decoder_last_input": ((b, 64, 64, 32), np.float32),
+        "clip_image_features": ((b, 32), np.float32),
+        "clip_text_features": ((b, 32), np.float32),
         "logit_scale": ((), np.float32),
     }
     for name, (shape, dtype) in expected.items():
@@ -159,8 +171,12 @@ def test_scan_and_remat_reproduce_reference_gradients(fx):
         logits = aux["logit_scale"] * img @ txt.T
         lab = jnp.arange(img.shape[0])
         ce = lambda lg: -jnp.mean(jax.nn.log_softmax(lg)[lab, lab])  # noqa: E731
-        loss = 0.2 * jnp.mean(jnp.abs(rec - images)) + jnp.mean((rec - images) ** 2) + aux["vq_loss"] \
+        loss = (
+            0.2 * jnp.mean(jnp.abs(rec - images))
+            + jnp.mean((rec - images) ** 2)
+            + aux["vq_loss"]
             + 0.5 * (ce(logits) + ce(logits.T))
+        )
         return loss, rec
 
     def run(state):
@@ -175,7 +191,7 @@ def test_scan_and_remat_reproduce_reference_gradients(fx):
     official = to_official_state_dict(grads, model.config, include_buffers=False)
     for key in [k for k in arrays if k.startswith("grad/")]:
         ref = arrays[key]
-        err = float(np.max(np.abs(official[key[len("grad/"):]] - ref)))
+        err = float(np.max(np.abs(official[key[len("grad/") :]] - ref)))
         assert err <= 5e-5 * float(np.max(np.abs(ref))), (key, err)
 
 
@@ -240,7 +256,11 @@ def test_every_param_has_logical_axes():
 
 def test_presets_and_config_validation():
     large = model_config("vitamin_large")
-    assert (large.encoder.stem_width, tuple(large.encoder.stage_widths), large.encoder.vit_width) == (160, (160, 320), 1024)
+    assert (large.encoder.stem_width, tuple(large.encoder.stage_widths), large.encoder.vit_width) == (
+        160,
+        (160, 320),
+        1024,
+    )
     assert (large.encoder.vit_depth, large.encoder.vit_heads, large.quant_proj.heads) == (31, 16, 16)
     assert (large.quantizer.num_codebooks, large.quantizer.codebook_size, large.quantizer.codebook_dim) == (8, 4096, 8)
     assert tuple(large.decoder.channel_table) == (1024, 320, 160) and tuple(large.decoder.inv_mbconv_depths) == (4, 2)
@@ -260,8 +280,10 @@ def test_presets_and_config_validation():
 
     bad(lambda c: c["encoder"].update(vit_heads=3), r"encoder\.vit_width=128 is not divisible by encoder\.vit_heads=3")
     bad(lambda c: c["decoder"].update(vit_heads=5), r"decoder\.vit_width=128 is not divisible by decoder\.vit_heads=5")
-    bad(lambda c: c["quantizer"].update(codebook_dim=8),
-        r"num_codebooks\*codebook_dim=4\*8=32 != quant_proj\.out_dim=16")
+    bad(
+        lambda c: c["quantizer"].update(codebook_dim=8),
+        r"num_codebooks\*codebook_dim=4\*8=32 != quant_proj\.out_dim=16",
+    )
     bad(lambda c: c["quant_proj"].update(heads=6), r"quant_proj: attention width .* not divisible by heads=6")
     bad(lambda c: c["quant_proj"].update(heads=4), r"quant_proj: head_reduction 'mean' needs")
     bad(lambda c: c["post_quant_proj"].update(in_dim=32), r"post_quant_proj\.in_dim=32 must equal")

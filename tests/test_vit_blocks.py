@@ -1,4 +1,5 @@
 """ViT block / block stack (loop vs scan, remat, drop-path) and the structure of the ViTamin encoder and pixel decoder."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,8 +65,9 @@ def test_dot_product_attention_causal():
 def _stacks(depth=3, rate=0.0, remat="none"):
     make = lambda r: Block(DIM, HEADS, 2.0, rngs=r)  # noqa: E731
     loop = _random(lambda: BlockStack(make, depth, rngs=nnx.Rngs(0), drop_path_rate=rate, remat=remat), 2)
-    scan = nnx.eval_shape(lambda: BlockStack(make, depth, scan=True, rngs=nnx.Rngs(1), drop_path_rate=rate,
-                                             remat=remat))
+    scan = nnx.eval_shape(
+        lambda: BlockStack(make, depth, scan=True, rngs=nnx.Rngs(1), drop_path_rate=rate, remat=remat)
+    )
     # Same weights: stack the loop's per-block params on a leading axis.
     per_block = [nnx.state(b, nnx.Param).to_pure_dict() for b in loop.layers]
     state = nnx.state(scan.layers, nnx.Param)  # keeps the stacked sharding metadata
@@ -148,8 +150,9 @@ def test_vitamin_encoder_structure_and_shapes():
     assert enc.pool.proj.strides == (2, 2) and enc.pool.norm.epsilon == 1e-6
     assert not any("pos" in ".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(enc, nnx.Param)))
     for size in (64, 96, 80):
-        (tokens, grid, inter) = nnx.eval_shape(lambda e, x: e(x, return_intermediates=True), enc,
-                                               jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32))
+        (tokens, grid, inter) = nnx.eval_shape(
+            lambda e, x: e(x, return_intermediates=True), enc, jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+        )
         g = size // 16
         assert tokens.shape == (2, g * g, 128) and inter["enc_pool"].shape == (2, g, g, 128)
         assert inter["enc_stem"].shape == (2, size // 2, size // 2, 32)

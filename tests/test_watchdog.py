@@ -1,5 +1,6 @@
 """The hang watchdog: a stalled step is detected against the running median, every thread's stack is logged, and
 the process exits with watchdog.EXIT_CODE (75) even though its main thread is blocked."""
+
 import subprocess
 import sys
 import textwrap
@@ -25,8 +26,9 @@ def test_budget_follows_the_median_step_time():
 
 def test_a_stalled_step_is_reported_with_every_thread_stack():
     reports = []
-    dog = watchdog.Watchdog(factor=5.0, min_timeout_s=0.3, startup_timeout_s=5.0, poll_s=0.05,
-                            on_hang=reports.append).start()
+    dog = watchdog.Watchdog(
+        factor=5.0, min_timeout_s=0.3, startup_timeout_s=5.0, poll_s=0.05, on_hang=reports.append
+    ).start()
     dog.pet()
     for _ in range(3):
         time.sleep(0.02)

@@ -1,4 +1,5 @@
 """Zero-shot classifier and retrieval on synthetic embeddings; the ImageNet class / template data files."""
+
 import zlib
 
 import jax
@@ -72,18 +73,23 @@ def test_build_classifier_and_perfect_separation():
     acc = zs.topk_accuracy(logits, labels, ks=(1, 5))
     assert acc == {"top1": 1.0, "top5": 1.0}
     # scale only rescales; normalisation makes image norms irrelevant.
-    np.testing.assert_allclose(np.asarray(zs.zero_shot_logits(3 * img, w, scale=1.0)) * 100, np.asarray(logits),
-                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(zs.zero_shot_logits(3 * img, w, scale=1.0)) * 100, np.asarray(logits), rtol=1e-5, atol=1e-4
+    )
     # Callable templates work too.
     w2 = zs.build_classifier(encode, tokenizer, names[:2], [lambda c: f"a photo of a {c}."])
     assert w2.shape == (16, 2)
 
 
 def test_topk_accuracy_counts():
-    logits = jnp.asarray([[0.1, 0.9, 0.0, 0.3],   # label 1: top1
-                          [0.8, 0.1, 0.5, 0.3],   # label 2: rank 2
-                          [0.1, 0.2, 0.3, 0.4],   # label 0: rank 4
-                          [0.1, 0.2, 0.3, 0.4]])  # label -1: padding, ignored
+    logits = jnp.asarray(
+        [
+            [0.1, 0.9, 0.0, 0.3],  # label 1: top1
+            [0.8, 0.1, 0.5, 0.3],  # label 2: rank 2
+            [0.1, 0.2, 0.3, 0.4],  # label 0: rank 4
+            [0.1, 0.2, 0.3, 0.4],
+        ]
+    )  # label -1: padding, ignored
     labels = jnp.asarray([1, 2, 0, -1])
     assert zs.topk_accuracy(logits, labels, ks=(1, 2, 4, 5)) == {"top1": 1 / 3, "top2": 2 / 3, "top4": 1.0, "top5": 1.0}
     counts = jax.jit(lambda a, b: zs.topk_correct(a, b, (1, 2)))(logits, labels)
@@ -101,8 +107,12 @@ def test_chance_accuracy_and_summary():
     with pytest.raises(ValueError):
         zs.chance_accuracy(0)
     s = zs.zero_shot_summary({"top1": 0.5, "top5": 0.9}, 1000)
-    assert s == {"zeroshot/top1": 0.5, "zeroshot/top5": 0.9, "zeroshot/chance_top1": 0.001,
-                 "zeroshot/chance_top5": 0.005}
+    assert s == {
+        "zeroshot/top1": 0.5,
+        "zeroshot/top5": 0.9,
+        "zeroshot/chance_top1": 0.001,
+        "zeroshot/chance_top5": 0.005,
+    }
 
 
 def test_recall_at_k():
@@ -112,7 +122,11 @@ def test_recall_at_k():
     # Perfect pairs: every match is rank 0.
     r = zs.recall_at_k(img, 2.0 * img, ks=(1, 5))
     assert all(v == 1.0 for v in r.values()) and set(r) == {
-        "image_to_text/R@1", "image_to_text/R@5", "text_to_image/R@1", "text_to_image/R@5"}
+        "image_to_text/R@1",
+        "image_to_text/R@5",
+        "text_to_image/R@1",
+        "text_to_image/R@5",
+    }
     # Unrelated features: recall@k ~ k / n.
     r = zs.recall_at_k(img, rng.standard_normal((n, d)), ks=(1, 10, 50))
     assert r["image_to_text/R@50"] == 1.0 and r["text_to_image/R@50"] == 1.0

@@ -1,4 +1,5 @@
 """Shared test config: the tiny UniTok config shrunk further so a train step compiles in seconds."""
+
 import sys
 import pathlib
 

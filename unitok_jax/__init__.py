@@ -1,4 +1,5 @@
 """unitok_jax: JAX/Flax training of unified image tokenizers (UniTok, TokenFlow)."""
+
 import flax
 
 # Parameters carry *logical* axis names (see unitok_jax/parallel/logical_axes.py); the mapping to mesh axes

@@ -2,6 +2,7 @@
 
 Validation runs before anything is compiled, so a bad config fails in seconds, not after a 10-minute compile.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable
@@ -24,7 +25,11 @@ def parse_variant(arg: str | None, variants: Iterable[str], default: str) -> str
     variants = list(variants)
     name = arg or default
     if name not in variants:
-        raise ConfigError("<config arg>", f"unknown variant {name!r}", f"use one of {variants}, e.g. --config=configs/unitok.py:{variants[0]}")
+        raise ConfigError(
+            "<config arg>",
+            f"unknown variant {name!r}",
+            f"use one of {variants}, e.g. --config=configs/unitok.py:{variants[0]}",
+        )
     return name
 
 
@@ -55,12 +60,27 @@ def check_choice(config: ml_collections.ConfigDict, field: str, available: Itera
 
 
 def check_divisible(numerator: int, denominator: int, field: str, what: str, fix: str) -> None:
-    check(denominator > 0 and numerator % denominator == 0, field, f"{what}: {numerator} is not divisible by {denominator}", fix)
+    check(
+        denominator > 0 and numerator % denominator == 0,
+        field,
+        f"{what}: {numerator} is not divisible by {denominator}",
+        fix,
+    )
 
 
 def check_file(path: str, field: str, what: str) -> None:
-    check(bool(path), field, f"{what} is enabled but no weight file is set", f"set --config.{field}=/path/to/file or disable {what}")
-    check(paths.exists(path), field, f"{what} weight file {path!r} does not exist", f"point --config.{field} at an existing file or disable {what}")
+    check(
+        bool(path),
+        field,
+        f"{what} is enabled but no weight file is set",
+        f"set --config.{field}=/path/to/file or disable {what}",
+    )
+    check(
+        paths.exists(path),
+        field,
+        f"{what} weight file {path!r} does not exist",
+        f"point --config.{field} at an existing file or disable {what}",
+    )
 
 
 Validator = Callable[[ml_collections.ConfigDict], None]

@@ -2,6 +2,7 @@
 
 Above both `train` and `evals` (it builds a TrainState and may run the trainer), so neither imports it.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,15 @@ from unitok_jax.train import checkpointing, optimizers, trainer
 from unitok_jax.train.state import TrainState, initial_counters
 
 
-def demo_config(base: ml_collections.ConfigDict, *, data_dir: str = "", image_size: int = 32, num_train: int = 64,
-                num_eval: int = 32, seed: int = 0) -> ml_collections.ConfigDict:
+def demo_config(
+    base: ml_collections.ConfigDict,
+    *,
+    data_dir: str = "",
+    image_size: int = 32,
+    num_train: int = 64,
+    num_eval: int = 32,
+    seed: int = 0,
+) -> ml_collections.ConfigDict:
     """A copy of a tiny UniTok config (`configs/unitok.py:tiny`) shrunk so a CPU compiles it in seconds; the
     embedded dataset is made small too."""
     c = ml_collections.ConfigDict(base.to_dict())
@@ -48,8 +56,9 @@ def demo_config(base: ml_collections.ConfigDict, *, data_dir: str = "", image_si
     return c
 
 
-def create_demo_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, train_steps: int = 0,
-                           seed: int | None = None) -> str:
+def create_demo_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, *, train_steps: int = 0, seed: int | None = None
+) -> str:
     """Write a checkpoint of `config` into `workdir` and return the workdir.
 
     train_steps == 0: step 0 with `random_model(config, seed)` params plus optimizer state and counters, saved
@@ -91,5 +100,11 @@ def _initial_train_state(config, seed: int) -> TrainState:
         raise ValueError("create_demo_checkpoint(train_steps=0) writes generator-only states: set loss.gan=0")
     _, params, _ = nnx.split(random_model(config, seed), nnx.Param, ...)
     tx = optimizers.make_optimizer(config.optimizer, params, config.total_steps)
-    return TrainState(params=params, opt_state=jax.jit(tx.init)(params), disc_params=nnx.State({}),
-                      disc_opt_state=nnx.State({}), rng=jax.random.key_data(jax.random.key(seed)), **initial_counters())
+    return TrainState(
+        params=params,
+        opt_state=jax.jit(tx.init)(params),
+        disc_params=nnx.State({}),
+        disc_opt_state=nnx.State({}),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        **initial_counters(),
+    )

@@ -1,4 +1,5 @@
 """`jax.distributed.initialize` for every entry point (train, evaluate, export_codes), with one rule for when."""
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,14 @@ def tpu_chips() -> int:
         return 0
 
 
-def initialize(flag: bool | None = None, *, coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids: Sequence[int | str] | None = None) -> bool:
+def initialize(
+    flag: bool | None = None,
+    *,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int | str] | None = None,
+) -> bool:
     """Call jax.distributed.initialize when `should_initialize` says so (arguments left None come from the cluster
     environment); returns whether it did."""
     if not should_initialize(flag, num_processes, os.environ, tpu_chips()):
@@ -49,16 +56,23 @@ def initialize(flag: bool | None = None, *, coordinator_address: str | None = No
     if local_device_ids:
         kwargs["local_device_ids"] = [int(i) for i in local_device_ids]
     jax.distributed.initialize(**kwargs)
-    logging.info("jax.distributed: process %d / %d, %d local / %d global devices",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    logging.info(
+        "jax.distributed: process %d / %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
 def define_flags(flags) -> None:
     """The multi-process flags every CLI shares (absl `flags` module passed in)."""
     flags.DEFINE_bool(
-        "distributed", None,
-        "Call jax.distributed.initialize. Default: auto (on Cloud TPU VMs, SLURM with several tasks, --num_processes > 1).")
+        "distributed",
+        None,
+        "Call jax.distributed.initialize. Default: auto (on Cloud TPU VMs, SLURM with several tasks, --num_processes > 1).",
+    )
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process without a cluster env).")
     flags.DEFINE_integer("num_processes", None, "Total number of processes.")
     flags.DEFINE_integer("process_id", None, "Index of this process.")
@@ -67,6 +81,10 @@ def define_flags(flags) -> None:
 
 def initialize_from_flags(FLAGS) -> bool:
     """`initialize` with the values of `define_flags`' flags."""
-    return initialize(FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
-                      num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-                      local_device_ids=FLAGS.local_device_ids)
+    return initialize(
+        FLAGS.distributed,
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+        local_device_ids=FLAGS.local_device_ids,
+    )

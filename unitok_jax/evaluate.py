@@ -17,6 +17,7 @@ fid/rfid, ...; an eval that cannot run has <name>/skipped with the reason), a re
 prints both. Multi-process (pods / several GPU hosts): add --distributed (or --coordinator_address, --num_processes,
 --process_id for a local rehearsal); every process runs the same command.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,12 +34,17 @@ def _define_flags() -> None:
     """CLI flags, defined only when run as a program (importing this module defines none, so it can be imported
     together with other CLIs such as export_codes)."""
     _FLAGS["config"] = config_flags.DEFINE_config_file(
-        "config", None, "Config file, e.g. configs/unitok.py:tiny (data + eval settings).", lock_config=False)
-    flags.DEFINE_string("checkpoint", None, "Run workdir, checkpoints dir, step dir, step number, or official .pth/.npz.")
+        "config", None, "Config file, e.g. configs/unitok.py:tiny (data + eval settings).", lock_config=False
+    )
+    flags.DEFINE_string(
+        "checkpoint", None, "Run workdir, checkpoints dir, step dir, step number, or official .pth/.npz."
+    )
     flags.DEFINE_string("workdir", None, "Run directory, when --checkpoint is a step number.")
     flags.DEFINE_string("evals", None, "Comma-separated evals: recon,fid,zeroshot (default: config.eval.names).")
     flags.DEFINE_string("output", None, "Path of the JSON report (default: <run>/eval/report_step<N>.json).")
-    flags.DEFINE_integer("num_batches", None, "Limit the number of eval batches (default: config.eval.num_batches, 0 = all).")
+    flags.DEFINE_integer(
+        "num_batches", None, "Limit the number of eval batches (default: config.eval.num_batches, 0 = all)."
+    )
     distributed.define_flags(flags)
     flags.mark_flags_as_required(["checkpoint"])
 
@@ -50,8 +56,15 @@ def _default_output(checkpoint_path: str, step) -> str:
     return paths.join(run, "eval", f"report_step{step}.json")
 
 
-def evaluate(config, checkpoint: str, *, workdir: str | None = None, evals: str | None = None,
-             output: str | None = None, num_batches: int | None = None) -> dict:
+def evaluate(
+    config,
+    checkpoint: str,
+    *,
+    workdir: str | None = None,
+    evals: str | None = None,
+    output: str | None = None,
+    num_batches: int | None = None,
+) -> dict:
     """Library form of the CLI: load, run, write the report (and grid) and return the report dict."""
     import jax
 
@@ -62,8 +75,9 @@ def evaluate(config, checkpoint: str, *, workdir: str | None = None, evals: str 
     run = load_run(checkpoint, config, workdir=workdir)
     config, path, step = run.config, run.path, run.step
     output = output or _default_output(path, step)
-    report = runner.run_evals(config, run.model, evals, step=step, output_dir=paths.parent(output),
-                              num_batches=num_batches)
+    report = runner.run_evals(
+        config, run.model, evals, step=step, output_dir=paths.parent(output), num_batches=num_batches
+    )
     report["meta/checkpoint"] = path
     names = evals if evals is not None else eval_config_lib.eval_config(config).names
     report["meta/evals"] = ",".join(eval_config_lib.parse_names(names))
@@ -84,8 +98,14 @@ def main(argv):
     distributed.initialize_from_flags(FLAGS)
     from unitok_jax.evals import runner
 
-    report = evaluate(_FLAGS["config"].value, FLAGS.checkpoint, workdir=FLAGS.workdir, evals=FLAGS.evals,
-                      output=FLAGS.output, num_batches=FLAGS.num_batches)
+    report = evaluate(
+        _FLAGS["config"].value,
+        FLAGS.checkpoint,
+        workdir=FLAGS.workdir,
+        evals=FLAGS.evals,
+        output=FLAGS.output,
+        num_batches=FLAGS.num_batches,
+    )
     if jax.process_index() == 0:
         print(json.dumps(report, indent=2, sort_keys=True))
         print(f"[unitok_jax] {runner.summary_line(report)}")

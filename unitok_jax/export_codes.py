@@ -17,6 +17,7 @@ and code-grid description, shard list, counts). One msgpack record per image:
 P-th record into its own shards and process 0 writes the manifest (--coordinator_address, --num_processes,
 --process_id for a local rehearsal).
 """
+
 from __future__ import annotations
 
 import time
@@ -40,11 +41,15 @@ _FLAGS: dict = {}
 def _define_flags() -> None:
     """CLI flags, defined only when run as a program (so this module imports alongside other CLIs)."""
     _FLAGS["config"] = config_flags.DEFINE_config_file(
-        "config", None, "Config file (data settings); default: the checkpoint's saved config.", lock_config=False)
-    flags.DEFINE_string("checkpoint", None, "Run workdir, checkpoints dir, step dir, step number, or official .pth/.npz.")
+        "config", None, "Config file (data settings); default: the checkpoint's saved config.", lock_config=False
+    )
+    flags.DEFINE_string(
+        "checkpoint", None, "Run workdir, checkpoints dir, step dir, step number, or official .pth/.npz."
+    )
     flags.DEFINE_string("workdir", None, "Run directory, when --checkpoint is a step number.")
-    flags.DEFINE_string("output_dir", None,
-                        "Directory for the code shards and manifest.json (local or a gcsfuse mount, not gs://).")
+    flags.DEFINE_string(
+        "output_dir", None, "Directory for the code shards and manifest.json (local or a gcsfuse mount, not gs://)."
+    )
     flags.DEFINE_string("files", "", "ArrayRecord glob / dir / manifest to export (default: config.data --split).")
     flags.DEFINE_enum("split", "train", ["train", "eval"], "Split of config.data, when --files is not given.")
     flags.DEFINE_integer("batch_size", 64, "Images per forward pass (per process).")
@@ -61,17 +66,24 @@ def codes_dtype(codebook_size: int) -> np.dtype:
     return np.dtype("<u2") if codebook_size <= 65536 else np.dtype("<i4")
 
 
-def encode_codes_record(record_id: str, codes: np.ndarray, caption: str = "", label: int = -1,
-                        codebook_size: int | None = None) -> bytes:
+def encode_codes_record(
+    record_id: str, codes: np.ndarray, caption: str = "", label: int = -1, codebook_size: int | None = None
+) -> bytes:
     codes = np.asarray(codes)
     if codes.ndim != 3:
         raise ValueError(f"codes must be [n_codebooks, h, w], got shape {codes.shape}")
     dtype = codes_dtype(codebook_size if codebook_size is not None else int(codes.max(initial=0)) + 1)
-    return msgpack.packb({
-        "id": str(record_id), "caption": str(caption), "label": int(label), "shape": [int(s) for s in codes.shape],
-        "dtype": "uint16" if dtype == np.dtype("<u2") else "int32",
-        "codes": np.ascontiguousarray(codes.astype(dtype)).tobytes(),
-    }, use_bin_type=True)
+    return msgpack.packb(
+        {
+            "id": str(record_id),
+            "caption": str(caption),
+            "label": int(label),
+            "shape": [int(s) for s in codes.shape],
+            "dtype": "uint16" if dtype == np.dtype("<u2") else "int32",
+            "codes": np.ascontiguousarray(codes.astype(dtype)).tobytes(),
+        },
+        use_bin_type=True,
+    )
 
 
 def decode_codes_record(data: bytes) -> dict[str, Any]:
@@ -145,9 +157,19 @@ class _ShardWriter:
         self.pending = []
 
 
-def export_codes(config, model, output_dir: str, *, files: str = "", split: str = "train", batch_size: int = 64,
-                 records_per_shard: int = 10_000, max_examples: int = 0, checkpoint: str = "",
-                 step: int | None = None) -> dict[str, Any]:
+def export_codes(
+    config,
+    model,
+    output_dir: str,
+    *,
+    files: str = "",
+    split: str = "train",
+    batch_size: int = 64,
+    records_per_shard: int = 10_000,
+    max_examples: int = 0,
+    checkpoint: str = "",
+    step: int | None = None,
+) -> dict[str, Any]:
     """Tokenise the records and write code shards + manifest.json; returns the manifest (collective if multi-process)."""
     import jax
     import jax.numpy as jnp
@@ -184,8 +206,9 @@ def export_codes(config, model, output_dir: str, *, files: str = "", split: str 
         images = np.stack(batch_imgs + [batch_imgs[-1]] * (batch_size - n))  # fixed shape: one compilation
         idx = np.asarray(jax.device_get(to_codes(state, jnp.asarray(images))))[:n]  # [n, k, h*w]
         for rec, codes in zip(batch_recs, idx):
-            writer.add(encode_codes_record(rec["id"], codes.reshape(k, *grid_hw), rec["caption"], rec["label"],
-                                           codebook_size))
+            writer.add(
+                encode_codes_record(rec["id"], codes.reshape(k, *grid_hw), rec["caption"], rec["label"], codebook_size)
+            )
         batch_recs.clear()
         batch_imgs.clear()
 
@@ -210,8 +233,9 @@ def export_codes(config, model, output_dir: str, *, files: str = "", split: str 
         for p in range(nproc):
             for s in range(int(np.asarray(counts)[p, 0])):
                 name = f"codes-{p:05d}-{s:05d}.array_record"
-                shards.append({"file": name, "count": records.count_array_records(_paths.join(output_dir, name)),
-                               "process": p})
+                shards.append(
+                    {"file": name, "count": records.count_array_records(_paths.join(output_dir, name)), "process": p}
+                )
     manifest = {
         "format": FORMAT,
         "checkpoint": checkpoint,
@@ -249,12 +273,23 @@ def main(argv):
     except ValueError as e:  # no config saved with it / an official file: --config is needed
         raise app.UsageError(f"{e} (--config)") from e
     config, model, path, step = run.config, run.model, run.path, run.step
-    manifest = export_codes(config, model, FLAGS.output_dir, files=FLAGS.files, split=FLAGS.split,
-                            batch_size=FLAGS.batch_size, records_per_shard=FLAGS.records_per_shard,
-                            max_examples=FLAGS.max_examples, checkpoint=path, step=step)
+    manifest = export_codes(
+        config,
+        model,
+        FLAGS.output_dir,
+        files=FLAGS.files,
+        split=FLAGS.split,
+        batch_size=FLAGS.batch_size,
+        records_per_shard=FLAGS.records_per_shard,
+        max_examples=FLAGS.max_examples,
+        checkpoint=path,
+        step=step,
+    )
     if jax.process_index() == 0:
-        print(f"[unitok_jax] wrote {manifest['num_records']} code records {manifest['code_shape']} "
-              f"({manifest['num_skipped']} skipped) to {FLAGS.output_dir} in {manifest['seconds']:.1f}s")
+        print(
+            f"[unitok_jax] wrote {manifest['num_records']} code records {manifest['code_shape']} "
+            f"({manifest['num_skipped']} skipped) to {FLAGS.output_dir} in {manifest['seconds']:.1f}s"
+        )
 
 
 if __name__ == "__main__":

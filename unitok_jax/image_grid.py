@@ -2,6 +2,7 @@
 
 Used by the trainer's preview, the evals' reconstruction grid, `reconstruct` and the colabs.
 """
+
 from __future__ import annotations
 
 import io
@@ -28,7 +29,9 @@ def save_pair_grid(path: str, originals: np.ndarray, reconstructions: np.ndarray
     grid = np.full((rows * (h + pad) + pad, cols * (w2 + pad) + pad, c), 255, np.uint8)
     for i in range(b):
         r, col = divmod(i, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w2 + pad): pad + col * (w2 + pad) + w2] = pairs[i]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w2 + pad) : pad + col * (w2 + pad) + w2] = (
+            pairs[i]
+        )
     buffer = io.BytesIO()
     Image.fromarray(grid).save(buffer, format="PNG")
     return paths.write_bytes_atomic(path, buffer.getvalue())

@@ -4,6 +4,7 @@ weight file. The one entry point shared by `evaluate`, `export_codes`, `reconstr
     model, step = load_tokenizer("runs/tiny")                       # newest step; config saved with the run
     run = load_run("runs/tiny", config=None)                        # + the config and the resolved step dir
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,8 +53,9 @@ def _model_name(config) -> str:
     return str(config.get("model_name", "unitok"))
 
 
-def load_tokenizer(checkpoint: str | int | os.PathLike, config: ml_collections.ConfigDict | None = None, *,
-                   workdir: str | None = None) -> tuple[nnx.Module, int | None]:
+def load_tokenizer(
+    checkpoint: str | int | os.PathLike, config: ml_collections.ConfigDict | None = None, *, workdir: str | None = None
+) -> tuple[nnx.Module, int | None]:
     """(tokenizer, step) from one of our checkpoints or an official weight file.
 
     Ours: only the params are read, onto this process's first device; the model is built from the config saved with
@@ -66,8 +68,13 @@ def load_tokenizer(checkpoint: str | int | os.PathLike, config: ml_collections.C
     return run.model, run.step
 
 
-def load_run(checkpoint: str | int | os.PathLike, config: ml_collections.ConfigDict | None = None, *,
-             workdir: str | None = None, require_config: bool = True) -> LoadedRun:
+def load_run(
+    checkpoint: str | int | os.PathLike,
+    config: ml_collections.ConfigDict | None = None,
+    *,
+    workdir: str | None = None,
+    require_config: bool = True,
+) -> LoadedRun:
     """`load_tokenizer` plus the config the CLIs need for data and eval settings: `config` when given, else the one
     saved with the checkpoint (an official file, or a run saved without one, then needs `config`: ValueError)."""
     path = resolve_checkpoint(checkpoint, workdir)
@@ -93,7 +100,7 @@ def _load_official(config, path: str) -> Any:
         with np.load(paths.local_copy(path)) as z:
             sd = {k: np.asarray(z[k]) for k in z.files}
         if any(k.startswith("param/") for k in sd):
-            sd = {k[len("param/"):]: v for k, v in sd.items() if k.startswith("param/")}
+            sd = {k[len("param/") :]: v for k, v in sd.items() if k.startswith("param/")}
         model_cfg = config.model.to_dict() if config is not None and "model" in config else None
         return load_unitok(sd, model_cfg)
     return load_unitok(paths.local_copy(path))

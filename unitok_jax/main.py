@@ -5,6 +5,7 @@
 Rerunning the same command resumes from the latest checkpoint in --workdir. Multi-process runs (TPU pods,
 SLURM, several GPU hosts, or a local CPU rehearsal) call jax.distributed.initialize first; see launch/.
 """
+
 from __future__ import annotations
 
 import sys
@@ -14,7 +15,9 @@ from ml_collections import config_flags
 
 from unitok_jax import distributed
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/unitok.py:tiny", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file, e.g. configs/unitok.py:tiny", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images (resumed if it exists).")
 distributed.define_flags(flags)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -31,8 +34,14 @@ def main(argv):
     from unitok_jax.train import checkpointing
 
     # Errors that say what to do: one clear line and a non-zero exit, not a traceback (details stay in the log).
-    expected = (trainer.WorkdirError, trainer.StepMemoryError, trainer.NonFiniteError, checkpointing.RestoreError,
-                checkpointing.CheckpointSaveError, config_lib.ConfigError)
+    expected = (
+        trainer.WorkdirError,
+        trainer.StepMemoryError,
+        trainer.NonFiniteError,
+        checkpointing.RestoreError,
+        checkpointing.CheckpointSaveError,
+        config_lib.ConfigError,
+    )
     try:
         summary = trainer.train(_CONFIG.value, _WORKDIR.value)
     except expected as e:
@@ -44,8 +53,14 @@ def main(argv):
 
 # Non-zero exit codes of a run that stopped with a known error. launch/supervise.sh restarts on any non-zero
 # code except the ones listed in its NO_RESTART_CODES (a config or memory error would only fail again).
-EXIT_CODES = {"ConfigError": 2, "StepMemoryError": 3, "WorkdirError": 4, "RestoreError": 5, "CheckpointSaveError": 6,
-              "NonFiniteError": 7}
+EXIT_CODES = {
+    "ConfigError": 2,
+    "StepMemoryError": 3,
+    "WorkdirError": 4,
+    "RestoreError": 5,
+    "CheckpointSaveError": 6,
+    "NonFiniteError": 7,
+}
 
 
 if __name__ == "__main__":

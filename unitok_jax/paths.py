@@ -14,6 +14,7 @@ honour. TensorStore (Orbax's array I/O) reads ``TENSORSTORE_GCS_HTTP_URL`` inste
 credentials, so ``configure_storage_emulator`` derives both from it; it runs when this module is imported, before
 TensorStore opens anything.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -229,7 +230,8 @@ def require_local(p: PathLike, what: str) -> str:
         raise ValueError(
             f"{what}: {os.fspath(p)!r} is on an object store, but this reader opens local files only. Mount the "
             f"bucket on every host (e.g. `gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`, see launch/README.md) and "
-            f"use the mounted path, or copy the files to a local/shared disk.")
+            f"use the mounted path, or copy the files to a local/shared disk."
+        )
     return resolve(p)
 
 

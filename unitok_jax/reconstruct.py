@@ -7,6 +7,7 @@
 Images are decoded robustly (any PIL format), resized on the shorter side (bicubic) and center-cropped to the
 model's image size; unreadable files are reported and skipped.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,8 +32,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("output", "reconstructions", "Output directory (local or gs://).")
     flags.DEFINE_integer("image_size", None, "Input size (default: the model's image_size, else 256).")
     flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
-    flags.DEFINE_string("model_preset", None,
-                        "For official .pth/.npz files: vitamin_large | vitamin_base | tiny (default: inferred).")
+    flags.DEFINE_string(
+        "model_preset", None, "For official .pth/.npz files: vitamin_large | vitamin_base | tiny (default: inferred)."
+    )
 
 
 def expand_image_paths(specs: list[str]) -> list[str]:
@@ -67,7 +69,7 @@ def reconstruct(model, images: np.ndarray, batch_size: int = 8) -> tuple[np.ndar
     decode = jax.jit(lambda i: model.idx_to_img(i))
     codes, recs = [], []
     for start in range(0, len(images), batch_size):
-        idx = encode(jnp.asarray(images[start:start + batch_size]))
+        idx = encode(jnp.asarray(images[start : start + batch_size]))
         codes.append(np.asarray(idx))
         recs.append(np.asarray(decode(idx)))
     return np.concatenate(codes), np.concatenate(recs)
@@ -106,8 +108,10 @@ def main(argv):
     np.savez(buf, codes=codes, files=np.array(paths))
     _paths.write_bytes_atomic(_paths.join(FLAGS.output, "codes.npz"), buf.getvalue())
     psnr = [float(10 * np.log10(4.0 / max(np.mean((a - b) ** 2), 1e-12))) for a, b in zip(images, np.clip(recs, -1, 1))]
-    print(f"reconstructed {len(paths)} images (checkpoint step {step}); codes {codes.shape}; "
-          f"mean PSNR {np.mean(psnr):.2f} dB; written to {FLAGS.output}")
+    print(
+        f"reconstructed {len(paths)} images (checkpoint step {step}); codes {codes.shape}; "
+        f"mean PSNR {np.mean(psnr):.2f} dB; written to {FLAGS.output}"
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 torch is an optional extra (`pip install unitok_jax[torch]`); only this module imports it, lazily.
 """
+
 from __future__ import annotations
 
 import os

@@ -9,6 +9,7 @@ The key map is derived from our own parameter tree (which mirrors the official m
 Every official key must be consumed or listed in IGNORED (constant zero buffers and the usage EMA buffers, which our
 stateless quantizer does not keep); missing/unexpected keys and shape mismatches raise with the key name.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,11 +42,11 @@ _STACKS = {("encoder", "blocks"), ("decoder", "blocks"), ("text_encoder", "resbl
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-    key: str                 # official state-dict key
-    path: tuple              # path of our nnx.Param
-    index: int | None        # slice of the leading axis (stacked codebooks / scanned blocks), else None
-    kind: str                # 'linear' | 'conv' | 'copy'
-    shape: tuple             # our (per-slice) shape
+    key: str  # official state-dict key
+    path: tuple  # path of our nnx.Param
+    index: int | None  # slice of the leading axis (stacked codebooks / scanned blocks), else None
+    kind: str  # 'linear' | 'conv' | 'copy'
+    shape: tuple  # our (per-slice) shape
 
     @property
     def official_shape(self) -> tuple:
@@ -113,8 +114,12 @@ def _entries(model_or_state) -> list[_Entry]:
         if path[-1] == "kernel":
             kind = {2: "linear", 4: "conv"}[len(slice_shape)]
         if stacked:
-            prefix = ".".join(str(p) for p in path[:2]) if path[0] != "text_encoder" else "text_encoder.transformer.resblocks"
-            rest = key[len(prefix) + 1:]
+            prefix = (
+                ".".join(str(p) for p in path[:2])
+                if path[0] != "text_encoder"
+                else "text_encoder.transformer.resblocks"
+            )
+            rest = key[len(prefix) + 1 :]
             for i in range(shape[0]):
                 out.append(_Entry(f"{prefix}.{i}.{rest}", path, i, kind, slice_shape))
         else:
@@ -186,8 +191,10 @@ def to_official_state_dict(model_or_state, config=None, *, include_buffers: bool
     cfg = getattr(model_or_state, "config", None) or config
     quantizer_type = cfg["quantizer"].get("type", "mcq") if cfg is not None else "mcq"
     if quantizer_type != "mcq":
-        raise ValueError(f"quantizer.type={quantizer_type!r}: the official UniTok layout only has the multi-codebook "
-                         f"quantizer ('mcq'); an RQ-ablation model cannot be exported to it")
+        raise ValueError(
+            f"quantizer.type={quantizer_type!r}: the official UniTok layout only has the multi-codebook "
+            f"quantizer ('mcq'); an RQ-ablation model cannot be exported to it"
+        )
     out = {}
     values = {path: _value(leaf) for path, leaf in _flat_params(model_or_state)}
     for e in _entries(model_or_state):
@@ -222,8 +229,13 @@ def _config_from_args(args: Mapping[str, Any]):
     if "embed_dim" in args:
         cfg["clip"]["embed_dim"] = int(args["embed_dim"])
     text = cfg["text"]
-    for ours, theirs in (("width", "text_width"), ("heads", "text_heads"), ("layers", "text_layers"),
-                         ("vocab_size", "text_vocab_size"), ("context_length", "text_context_length")):
+    for ours, theirs in (
+        ("width", "text_width"),
+        ("heads", "text_heads"),
+        ("layers", "text_layers"),
+        ("vocab_size", "text_vocab_size"),
+        ("context_length", "text_context_length"),
+    ):
         if theirs in args:
             text[ours] = int(args[theirs])
     return cfg
@@ -239,7 +251,9 @@ def _config_from_shapes(sd: Mapping[str, np.ndarray]):
     if not names:
         raise ValueError(f"cannot infer the UniTok config from encoder width {width}; pass model_config")
     cfg = preset_config(names[0]).to_dict()
-    cbs = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(r"quantizer\.codebooks\.(\d+)\.codebook\.weight", k)))
+    cbs = sorted(
+        int(m.group(1)) for k in sd if (m := re.fullmatch(r"quantizer\.codebooks\.(\d+)\.codebook\.weight", k))
+    )
     if cbs:
         K, d = sd["quantizer.codebooks.0.codebook.weight"].shape
         k = len(cbs)
@@ -251,8 +265,13 @@ def _config_from_shapes(sd: Mapping[str, np.ndarray]):
     if "text_encoder.token_embedding.weight" in sd:
         vocab, tw = sd["text_encoder.token_embedding.weight"].shape
         layers = len({m.group(1) for k in sd if (m := re.match(r"text_encoder\.transformer\.resblocks\.(\d+)\.", k))})
-        cfg["text"].update(width=int(tw), vocab_size=int(vocab), layers=layers, heads=max(1, int(tw) // 64),
-                           context_length=int(sd["text_encoder.positional_embedding"].shape[0]))
+        cfg["text"].update(
+            width=int(tw),
+            vocab_size=int(vocab),
+            layers=layers,
+            heads=max(1, int(tw) // 64),
+            context_length=int(sd["text_encoder.positional_embedding"].shape[0]),
+        )
     else:
         cfg["text"] = None
     return cfg

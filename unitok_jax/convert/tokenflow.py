@@ -10,6 +10,7 @@ UniTok's ViTamin naming rule (`convert.official.official_param_name`). Missing, 
 Layout rules: Linear (out, in) -> kernel (in, out); Conv (O, I, kh, kw) -> (kh, kw, I, O); everything else copied.
 HF SigLIP q/k/v projections are packed into our `in_proj` ([q | k | v] columns).
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,15 @@ from unitok_jax.convert.official import official_param_name
 from unitok_jax.torch_io import load_state_dict
 from unitok_jax.models.clip_vit import CLIPViT
 from unitok_jax.models.vitamin_semantic import ViTaminSemantic
-from unitok_jax.models.tokenflow import (ShapeOnlyRngs, Teacher, TokenFlow, abstract_tokenflow, normalize_config,
-                                         numpy_fill_, semantic_vit)
+from unitok_jax.models.tokenflow import (
+    ShapeOnlyRngs,
+    Teacher,
+    TokenFlow,
+    abstract_tokenflow,
+    normalize_config,
+    numpy_fill_,
+    semantic_vit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +103,7 @@ class _Map:
 # ---------------------------------------------------------------------------------------------------------------
 # Per-module maps
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _clip_vit_map(m: _Map, vit: CLIPViT, tp: str, path: tuple):
     """OpenAI CLIP visual tower keys (clip/model.py VisionTransformer)."""
@@ -199,7 +208,7 @@ def _vitamin_map(m: _Map, vit: ViTaminSemantic, tp: str, path: tuple):
         key, kind = official_param_name(("encoder",) + tuple(p))
         if p[-1] == "kernel":
             kind = {2: _LINEAR, 4: _CONV}[len(var.get_value().shape)]
-        m.add(tp + key[len("encoder."):], path + ("encoder",) + tuple(p), kind)
+        m.add(tp + key[len("encoder.") :], path + ("encoder",) + tuple(p), kind)
 
 
 def _task_map(m: _Map, tp: str, path: tuple):
@@ -244,6 +253,7 @@ def tokenflow_key_map(model: TokenFlow, keys: Iterable[str] = ()) -> tuple[_Map,
 # Applying a map
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _get_var(module, path):
     obj = module
     for p in path:
@@ -260,12 +270,13 @@ def _param_paths(module) -> set[tuple]:
 
 def _strip_module_prefix(sd: dict) -> dict:
     if sd and all(k.startswith("module.") for k in sd):
-        return {k[len("module."):]: v for k, v in sd.items()}
+        return {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
-def apply_key_map(module, entries, ignored, sd: Mapping[str, np.ndarray], *, what: str,
-                  ignore_unused: bool = False) -> None:
+def apply_key_map(
+    module, entries, ignored, sd: Mapping[str, np.ndarray], *, what: str, ignore_unused: bool = False
+) -> None:
     """Fill `module`'s params from `sd` following `entries`; raise on missing/unexpected keys and shape mismatches."""
     mapped_paths = {e[1] for e in entries}
     unmapped = _param_paths(module) - mapped_paths
@@ -292,14 +303,19 @@ def apply_key_map(module, entries, ignored, sd: Mapping[str, np.ndarray], *, wha
         for k, es in zip(tkeys, exp_shapes):
             a = np.asarray(sd[k])
             if tuple(a.shape) != tuple(es):
-                raise ValueError(f"{what}: shape mismatch for '{k}': checkpoint has {tuple(a.shape)}, "
-                                 f"the config expects {tuple(es)}")
+                raise ValueError(
+                    f"{what}: shape mismatch for '{k}': checkpoint has {tuple(a.shape)}, the config expects {tuple(es)}"
+                )
             arrs.append(a.astype(np.float32))
         var.set_value(jnp.asarray(_fwd(kind, arrs), dtype=jnp.float32))
 
 
-def load_tokenflow(path_or_state_dict: str | os.PathLike | Mapping[str, Any], config: Mapping[str, Any] | str,
-                   *, subkeys: tuple[str, ...] = ("ema", "model", "state_dict")) -> TokenFlow:
+def load_tokenflow(
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    config: Mapping[str, Any] | str,
+    *,
+    subkeys: tuple[str, ...] = ("ema", "model", "state_dict"),
+) -> TokenFlow:
     """Official checkpoint (path or {key: array}) + config (fixture `model_config` block, preset name or full
     config) -> `TokenFlow` with every parameter loaded. The first present of `subkeys` is descended into, as the
     official loaders do (ema, then model, then state_dict)."""
@@ -325,13 +341,21 @@ def to_official_state_dict(model: TokenFlow) -> dict[str, np.ndarray]:
     return out
 
 
-_PATCH_KEY = {"clip_vit": "conv1.weight", "siglip_vit": "embeddings.patch_embedding.weight",
-              "vitamin": "patch_embed.backbone.stem.conv1.weight"}
+_PATCH_KEY = {
+    "clip_vit": "conv1.weight",
+    "siglip_vit": "embeddings.patch_embedding.weight",
+    "vitamin": "patch_embed.backbone.stem.conv1.weight",
+}
 _TOWER_NAME = {"clip_vit": "CLIP", "siglip_vit": "SigLIP", "vitamin": "timm ViTamin"}
 
 
-def load_vit_weights(vit: CLIPViT | ViTaminSemantic, sd: Mapping[str, np.ndarray], *,
-                     prefixes: tuple[str, ...] = ("visual.", ""), ignore_unused: bool = True) -> None:
+def load_vit_weights(
+    vit: CLIPViT | ViTaminSemantic,
+    sd: Mapping[str, np.ndarray],
+    *,
+    prefixes: tuple[str, ...] = ("visual.", ""),
+    ignore_unused: bool = True,
+) -> None:
     """Load an OpenAI CLIP visual tower (`visual.*`, with `proj`), an HF SigLIP vision tower (`vision_model.*`) or
     a timm ViTamin (`patch_embed.backbone.*`, `blocks.*`; its `head`/`fc_norm` are ignored) into `vit` in place
     (teacher loading). The first prefix under which the patch-embedding key exists wins."""
@@ -340,8 +364,9 @@ def load_vit_weights(vit: CLIPViT | ViTaminSemantic, sd: Mapping[str, np.ndarray
     probe = _PATCH_KEY[kind]
     prefix = next((p for p in prefixes if p + probe in sd), None)
     if prefix is None:
-        raise KeyError(f"no '{probe}' under any of the prefixes {prefixes}; is this a "
-                       f"{_TOWER_NAME[kind]} vision checkpoint?")
+        raise KeyError(
+            f"no '{probe}' under any of the prefixes {prefixes}; is this a {_TOWER_NAME[kind]} vision checkpoint?"
+        )
     m = _Map()
     if kind == "siglip_vit":
         ignored = _siglip_vit_map(m, vit, prefix, ())

@@ -16,6 +16,7 @@ Reproduces `open_clip/tokenizer.py` (`SimpleTokenizer` + `tokenize(context_lengt
 
 The vocab file is read from a user path (gzip text: a `#version` header line, then one "a b" merge per line).
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,6 +58,7 @@ def get_pairs(word: tuple[str, ...]) -> set[tuple[str, str]]:
 
 # ---------------------------------------------------------------------------------------------- normalisation --
 
+
 def basic_clean(text: str) -> str:
     text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text))
@@ -86,6 +88,7 @@ def pre_tokenize(text: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- tokenizer ------
 
+
 def read_merges(bpe_path: str | os.PathLike, num_merges: int = NUM_MERGES) -> list[tuple[str, str]]:
     """Merges of a CLIP vocab file: skip the header line, take at most `num_merges` non-empty lines."""
     path = os.fspath(bpe_path)
@@ -96,7 +99,7 @@ def read_merges(bpe_path: str | os.PathLike, num_merges: int = NUM_MERGES) -> li
     raw = paths.read_bytes(path)
     lines = (gzip.decompress(raw) if path.endswith(".gz") else raw).decode("utf-8").split("\n")
     merges = []
-    for line_no, line in enumerate(lines[1:1 + num_merges], start=2):
+    for line_no, line in enumerate(lines[1 : 1 + num_merges], start=2):
         if not line.strip():
             continue
         parts = line.split()
@@ -178,16 +181,20 @@ class ClipBpeTokenizer:
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """open_clip's decode for debugging: drops padding and SOT/EOT; '</w>' becomes a space."""
-        text = "".join(self.decoder[i] for i in np.asarray(ids).reshape(-1).tolist()
-                       if i in self.decoder and i not in (self.sot_id, self.eot_id, self.pad_id))
+        text = "".join(
+            self.decoder[i]
+            for i in np.asarray(ids).reshape(-1).tolist()
+            if i in self.decoder and i not in (self.sot_id, self.eot_id, self.pad_id)
+        )
         data = bytearray(self.byte_decoder[c] for c in text)  # '<', '/', 'w', '>' are in the byte alphabet
         return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
     def __call__(self, texts: Sequence[str] | str, context_length: int | None = None) -> np.ndarray:
         if isinstance(texts, str):
             texts = [texts]
-        return assemble_ids([self.encode(t) for t in texts], self.sot_id, self.eot_id,
-                            context_length or self.context_length)
+        return assemble_ids(
+            [self.encode(t) for t in texts], self.sot_id, self.eot_id, context_length or self.context_length
+        )
 
     def __repr__(self) -> str:
         return f"ClipBpeTokenizer(vocab_size={self.vocab_size}, context_length={self.context_length})"

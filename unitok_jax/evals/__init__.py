@@ -16,6 +16,7 @@ holds the cross-process helpers they share.
     zeroshot_setup  class names, templates and the text classifier a config asks for
     runner          run_evals, summary_line, write_report
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,6 +5,7 @@
 `txt` CLIP features, `lpips`); `mask` [b] marks real rows (the last batch is padded). `finalize()` reduces across
 processes (a collective: every process calls it, in the same order) and returns `{metric: value}`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Protocol
@@ -121,13 +122,21 @@ class ZeroShotAccumulator:
             acc = self.topk.compute()
             if acc["count"]:
                 chance = chance_accuracy(self.num_classes, 1)
-                out.update(top1=acc["top1"], top5=acc["top5"], chance=chance,
-                           chance_top5=chance_accuracy(self.num_classes, 5), top1_over_chance=acc["top1"] / chance,
-                           num_classes=self.num_classes, count=acc["count"])
+                out.update(
+                    top1=acc["top1"],
+                    top5=acc["top5"],
+                    chance=chance,
+                    chance_top5=chance_accuracy(self.num_classes, 5),
+                    top1_over_chance=acc["top1"] / chance,
+                    num_classes=self.num_classes,
+                    count=acc["count"],
+                )
             else:
                 out["classification_skipped"] = "the zero-shot dataset has no labels (label -1 everywhere)"
         if self.with_retrieval:
-            dim = self.classifier.shape[0] if self.classifier is not None else (self.img[0].shape[-1] if self.img else 1)
+            dim = (
+                self.classifier.shape[0] if self.classifier is not None else (self.img[0].shape[-1] if self.img else 1)
+            )
             img = np.concatenate(self.img) if self.img else np.zeros((0, dim), np.float32)
             txt = np.concatenate(self.txt) if self.txt else np.zeros((0, dim), np.float32)
             img, txt = concat_across_processes(img), concat_across_processes(txt)  # collective

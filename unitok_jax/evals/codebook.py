@@ -11,6 +11,7 @@ Flat keys: 'usage', 'usage_official', 'perplexity', 'num_tokens', 'usage/cb{i}',
 index space is one codebook ([b, n], codebook_axis=None, num_codebooks=1).
 Not here: the training-time EMA usage buffer (models/quantizers).
 """
+
 from __future__ import annotations
 
 import math
@@ -94,9 +95,9 @@ def codebook_summary(counts, prefix: str = "") -> dict[str, float]:
 class CodebookUsage:
     """Accumulates code counts [k, K] (int64, host) over an eval set; `compute` sums over processes (collective).
 
-        usage = CodebookUsage(num_codebooks=8, codebook_size=4096)       # UniTok: indices [b, 8, n]
-        for batch in data: usage.update(aux['indices'])                 # or update_counts(batch_code_counts(...))
-        metrics = usage.compute(prefix='eval/codebook/')
+    usage = CodebookUsage(num_codebooks=8, codebook_size=4096)       # UniTok: indices [b, 8, n]
+    for batch in data: usage.update(aux['indices'])                 # or update_counts(batch_code_counts(...))
+    metrics = usage.compute(prefix='eval/codebook/')
     """
 
     def __init__(self, num_codebooks: int, codebook_size: int, *, codebook_axis: int | None = 1):

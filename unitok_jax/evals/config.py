@@ -3,6 +3,7 @@
 Every consumer (the `evaluate` CLI, the trainer's periodic evals, the colabs) completes `config.eval` here, once per
 call, so the defaults live in one place.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,31 +20,33 @@ EVAL_NAMES = ("recon", "fid", "zeroshot")
 
 def default_eval_config() -> ml_collections.ConfigDict:
     """Defaults of `config.eval`; a config without `eval` (or with only some fields) gets these."""
-    return ml_collections.ConfigDict(dict(
-        every_steps=0,             # training: run the evals every N steps (0 = never during training)
-        at_end=True,               # training: also after the last step (when every_steps > 0)
-        names="recon,fid,zeroshot",  # comma-separated (or a sequence) of EVAL_NAMES
-        batch_size=0,              # global eval batch; 0 = config.eval_batch_size (rounded up to the device count)
-        num_batches=0,             # 0 = the whole eval split
-        grid_images=16,            # images in the [original | reconstruction] grid (0 = no grid)
-        recon=dict(lpips_path=""),  # '' = config.loss.lpips_path; neither -> recon/lpips_skipped
-        fid=dict(
-            inception_path="",     # pt_inception-2015-12-05-6726825d.pth; '' -> fid/skipped
-            reference_stats="",    # .npz cache of the originals' statistics ('' = recompute every time)
-            resize_mode="pytorch_fid",  # or 'torch_fidelity' (UniTok's numbers)
-            compute_is=True,
-            is_splits=10,
-        ),
-        zeroshot=dict(
-            data_files="",         # '' = the eval split of config.data; else ArrayRecord glob/dir/manifest
-            class_names="",        # '' = embedded / manifest class_names; 'imagenet'; a .txt path; 'a,b,c'
-            templates="",          # '' = auto (embedded prompts / 80 OpenAI templates for imagenet / 'a photo
-                                   # of a {}.'); 'openai'; 'simple'; a .txt path; 'a {}.|a photo of a {}.'
-            batch_classes=10,
-            retrieval=True,        # image<->text recall@1/5/10 on the same batches (captions from the records)
-            retrieval_max=5000,    # retrieval uses at most this many (image, caption) pairs
-        ),
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            every_steps=0,  # training: run the evals every N steps (0 = never during training)
+            at_end=True,  # training: also after the last step (when every_steps > 0)
+            names="recon,fid,zeroshot",  # comma-separated (or a sequence) of EVAL_NAMES
+            batch_size=0,  # global eval batch; 0 = config.eval_batch_size (rounded up to the device count)
+            num_batches=0,  # 0 = the whole eval split
+            grid_images=16,  # images in the [original | reconstruction] grid (0 = no grid)
+            recon=dict(lpips_path=""),  # '' = config.loss.lpips_path; neither -> recon/lpips_skipped
+            fid=dict(
+                inception_path="",  # pt_inception-2015-12-05-6726825d.pth; '' -> fid/skipped
+                reference_stats="",  # .npz cache of the originals' statistics ('' = recompute every time)
+                resize_mode="pytorch_fid",  # or 'torch_fidelity' (UniTok's numbers)
+                compute_is=True,
+                is_splits=10,
+            ),
+            zeroshot=dict(
+                data_files="",  # '' = the eval split of config.data; else ArrayRecord glob/dir/manifest
+                class_names="",  # '' = embedded / manifest class_names; 'imagenet'; a .txt path; 'a,b,c'
+                templates="",  # '' = auto (embedded prompts / 80 OpenAI templates for imagenet / 'a photo
+                # of a {}.'); 'openai'; 'simple'; a .txt path; 'a {}.|a photo of a {}.'
+                batch_classes=10,
+                retrieval=True,  # image<->text recall@1/5/10 on the same batches (captions from the records)
+                retrieval_max=5000,  # retrieval uses at most this many (image, caption) pairs
+            ),
+        )
+    )
 
 
 def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any] | None, prefix: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 Both are loaded from user paths once per process and kept (periodic evals reuse them, compiled); a missing path is
 not an error but a reason, reported as `<eval>/skipped` or `recon/lpips_skipped`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -28,8 +29,12 @@ def fid_evaluator(config, ec, data_files: Sequence[str], num_batches: int, batch
     if not paths.exists(path):
         return None, f"InceptionV3 weights {path!r} do not exist (eval.fid.inception_path)"
     fingerprint = fid.source_fingerprint(
-        files=[paths.basename(f) for f in data_files], image_size=int(config.data.image_size),
-        num_batches=num_batches, batch_size=batch_size, resize_mode=fc.resize_mode)
+        files=[paths.basename(f) for f in data_files],
+        image_size=int(config.data.image_size),
+        num_batches=num_batches,
+        batch_size=batch_size,
+        resize_mode=fc.resize_mode,
+    )
     ref_path = paths.resolve(fc.reference_stats) if fc.reference_stats else None
     expected = fingerprint
     if ref_path and paths.exists(ref_path):
@@ -40,9 +45,14 @@ def fid_evaluator(config, ec, data_files: Sequence[str], num_batches: int, batch
     ev = _CACHE.get(key)
     if ev is None:
         try:
-            ev = fid.FidEvaluator(paths.local_copy(path), ref_path, resize_mode=fc.resize_mode,
-                                  compute_is=bool(fc.compute_is), is_splits=int(fc.is_splits),
-                                  reference_fingerprint=expected)
+            ev = fid.FidEvaluator(
+                paths.local_copy(path),
+                ref_path,
+                resize_mode=fc.resize_mode,
+                compute_is=bool(fc.compute_is),
+                is_splits=int(fc.is_splits),
+                reference_fingerprint=expected,
+            )
         except ValueError as e:  # stale cache (fingerprint mismatch), bad file
             return None, str(e)
         _CACHE[key] = ev

@@ -18,6 +18,7 @@ Maths on the host in float64 (numpy; `scipy.linalg.sqrtm` for pytorch-fid's form
 `FidEvaluator` ties these to the InceptionV3 (evals/inception.py); without a weights path it reports
 {'skipped': ...} instead of failing. Not here: image pre-processing (inception.preprocess), data loading.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -245,8 +246,13 @@ class ReferenceStats:
 
     def save(self, path: str | os.PathLike) -> None:
         buffer = io.BytesIO()
-        np.savez(buffer, mu=np.asarray(self.mu, np.float64), sigma=np.asarray(self.sigma, np.float64),
-                 count=np.asarray(self.count, np.int64), fingerprint=np.asarray(self.fingerprint))
+        np.savez(
+            buffer,
+            mu=np.asarray(self.mu, np.float64),
+            sigma=np.asarray(self.sigma, np.float64),
+            count=np.asarray(self.count, np.int64),
+            fingerprint=np.asarray(self.fingerprint),
+        )
         paths.write_bytes_atomic(path, buffer.getvalue())  # atomic: a crash never leaves a half-written cache
 
     @classmethod

@@ -3,6 +3,7 @@
 `run_evals` takes a model as an nnx module (CLI, colabs: host-local params) or as the trainer holds it,
 (graphdef, params, rest) with mesh-sharded params; `split_model` and `params_mesh` tell the two apart.
 """
+
 from __future__ import annotations
 
 import functools
@@ -87,8 +88,12 @@ def _make_forward_fn(graphdef, lpips_graphdef, with_text: bool, mesh, has_clip_h
 
     if mesh is None:
         return jax.jit(forward)
-    keys = ["rec", "psnr", "ssim", "indices"] + (["img"] if has_clip_head else []) + (
-        ["txt"] if with_text else []) + (["lpips"] if lpips_graphdef is not None else [])
+    keys = (
+        ["rec", "psnr", "ssim", "indices"]
+        + (["img"] if has_clip_head else [])
+        + (["txt"] if with_text else [])
+        + (["lpips"] if lpips_graphdef is not None else [])
+    )
     return jax.jit(forward, out_shardings={k: shd.batch_sharding(mesh, _OUT_NDIM[k]) for k in keys})
 
 

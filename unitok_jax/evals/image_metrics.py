@@ -11,6 +11,7 @@ Data range: images in [0, 1] have data range 1.0. TokenFlow's and LlamaGen's eva
 `data_range=2.0` here only to reproduce their numbers deliberately.
 Not here: LPIPS (models/lpips) and FID (evals/fid).
 """
+
 from __future__ import annotations
 
 import math

@@ -27,6 +27,7 @@ For 299x299 inputs both resizes are the identity. Resizing is done with two smal
 (exact, jit-friendly, no `jax.image.resize` semantics questions).
 Not here: the Frechet distance and IS maths (evals/fid.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -350,8 +351,19 @@ class FidInceptionV3(nnx.Module):
         x = max_pool_3x3_s2(x)  # 73
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # 71x71x192
         x = max_pool_3x3_s2(x)  # 35
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
-                      self.Mixed_6c, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)  # 35x35x288 -> 17x17x768 -> 8x8x2048
         return jnp.mean(x, axis=(1, 2))
 

@@ -25,6 +25,7 @@ params' mesh). Where the rest lives: config defaults `evals/config.py`, accumula
 forward `evals/forward.py`, InceptionV3/LPIPS `evals/eval_networks.py`, zero-shot set-up `evals/zeroshot_setup.py`,
 the trainer's periodic evals `train/periodic_evals.py`.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,9 +70,17 @@ def _run_pass(loader, num_batches, forward, params, rest, lpips_state, mesh, acc
             acc.update(local, out, mask)
 
 
-def run_evals(config: ml_collections.ConfigDict, model, names: str | Sequence[str] | None = None, *,
-              step: int | None = None, output_dir: str | None = None, writer=None,
-              num_batches: int | None = None, strict: bool = True) -> dict[str, float | int | str]:
+def run_evals(
+    config: ml_collections.ConfigDict,
+    model,
+    names: str | Sequence[str] | None = None,
+    *,
+    step: int | None = None,
+    output_dir: str | None = None,
+    writer=None,
+    num_batches: int | None = None,
+    strict: bool = True,
+) -> dict[str, float | int | str]:
     """Run the named evals (EVAL_NAMES) and return flat `<name>/<metric>` keys (see module doc).
 
     model: an nnx tokenizer, or (graphdef, params, rest) as the trainer holds them (params may be mesh-sharded).
@@ -128,8 +137,9 @@ def run_evals(config: ml_collections.ConfigDict, model, names: str | Sequence[st
                 if why and not ec.zeroshot.retrieval:
                     report["zeroshot/skipped"] = why
                 else:
-                    acc = ZeroShotAccumulator(classifier, num_classes, int(ec.zeroshot.retrieval_max),
-                                              bool(ec.zeroshot.retrieval))
+                    acc = ZeroShotAccumulator(
+                        classifier, num_classes, int(ec.zeroshot.retrieval_max), bool(ec.zeroshot.retrieval)
+                    )
                     if why:
                         report["zeroshot/classification_skipped"] = why
                     if ec.zeroshot.data_files:
@@ -141,12 +151,18 @@ def run_evals(config: ml_collections.ConfigDict, model, names: str | Sequence[st
     forward = forward_fn(graphdef, lpips_graphdef, with_text, mesh, has_clip_head)
     if main_accs:
         main_loader = pipeline.make_eval_loader(main_data, batch_size=batch_size)
-        guarded("recon", lambda: _run_pass(main_loader, num_batches, forward, params, rest, lpips_state, mesh,
-                                           list(main_accs.values())))
+        guarded(
+            "recon",
+            lambda: _run_pass(
+                main_loader, num_batches, forward, params, rest, lpips_state, mesh, list(main_accs.values())
+            ),
+        )
     if extra_pass is not None:
         zs_loader = pipeline.make_eval_loader(data_config_for(config, ec.zeroshot.data_files), batch_size=batch_size)
-        guarded("zeroshot", lambda: _run_pass(zs_loader, num_batches, forward, params, rest, lpips_state, mesh,
-                                              [extra_pass]))
+        guarded(
+            "zeroshot",
+            lambda: _run_pass(zs_loader, num_batches, forward, params, rest, lpips_state, mesh, [extra_pass]),
+        )
         main_accs["zeroshot"] = extra_pass
 
     for name in EVAL_NAMES:  # fixed order: the finalize collectives line up across processes
@@ -183,9 +199,20 @@ def _plain(v):
     return v
 
 
-SUMMARY_KEYS = ("recon/psnr", "recon/ssim", "recon/lpips", "recon/usage", "recon/perplexity", "fid/rfid",
-                "fid/inception_score", "zeroshot/top1", "zeroshot/top5", "zeroshot/chance",
-                "zeroshot/retrieval/image_to_text/R@1", "zeroshot/retrieval/text_to_image/R@1")
+SUMMARY_KEYS = (
+    "recon/psnr",
+    "recon/ssim",
+    "recon/lpips",
+    "recon/usage",
+    "recon/perplexity",
+    "fid/rfid",
+    "fid/inception_score",
+    "zeroshot/top1",
+    "zeroshot/top5",
+    "zeroshot/chance",
+    "zeroshot/retrieval/image_to_text/R@1",
+    "zeroshot/retrieval/text_to_image/R@1",
+)
 
 
 def summary_line(report: Mapping[str, Any]) -> str:

@@ -10,6 +10,7 @@ class-index order; note 'missile' appears twice, at 657 and 744, as in the origi
 clip_templates.txt = `OPENAI_IMAGENET_TEMPLATES` (80, '{}' marks the class name).
 Not here: image pre-processing and the dataset loop (the trainer's eval step), the text tokenizer.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -128,9 +129,7 @@ class TopKAccumulator:
         return {f"top{k}": float(c) / max(n, 1) for k, c in zip(self.ks, totals[:-1])} | {"count": n}
 
 
-def recall_at_k(
-    image_feats: jax.Array, text_feats: jax.Array, ks: Sequence[int] = (1, 5, 10)
-) -> dict[str, float]:
+def recall_at_k(image_feats: jax.Array, text_feats: jax.Array, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """Retrieval recall@k with one caption per image (pair i is the match): keys 'image_to_text/R@k' and
     'text_to_image/R@k', fractions in [0, 1]. Features are L2-normalised here (cosine similarity).
 

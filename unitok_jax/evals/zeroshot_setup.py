@@ -2,6 +2,7 @@
 
 `evals/zeroshot.py` holds the model-agnostic maths; this file reads `config.eval.zeroshot` and the dataset to feed it.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -60,8 +61,9 @@ def build_zero_shot(config, ec, graphdef, params, rest, mesh) -> tuple[Any, int,
         return None, 0, "no class names: set eval.zeroshot.class_names (or use a dataset whose manifest has them)"
     templates = zero_shot_templates(config, ec, names)
     data = data_config_for(config, ec.zeroshot.data_files)
-    tokenizer = text_tokenizer.build_tokenizer(data.tokenizer, context_length=int(data.context_length),
-                                               bpe_path=data.bpe_path or None)
+    tokenizer = text_tokenizer.build_tokenizer(
+        data.tokenizer, context_length=int(data.context_length), bpe_path=data.bpe_path or None
+    )
     encode = encode_text_fn(graphdef)
     if mesh is not None:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

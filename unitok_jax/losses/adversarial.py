@@ -1,4 +1,5 @@
 """Hinge GAN losses, UniTok's adaptive generator weight, the delayed-start ramp and balanced consistency (bCR)."""
+
 from __future__ import annotations
 
 import jax
@@ -37,14 +38,20 @@ def gan_ramp(step: jax.Array, start_step: int, ramp_steps: int) -> jax.Array:
     return jnp.clip(progress, 0.0, 1.0)
 
 
-def conv_kernel_gradient(conv_input: jax.Array, kernel: jax.Array, output_cotangent: jax.Array, *, strides, padding, groups: int = 1) -> jax.Array:
+def conv_kernel_gradient(
+    conv_input: jax.Array, kernel: jax.Array, output_cotangent: jax.Array, *, strides, padding, groups: int = 1
+) -> jax.Array:
     """∂L/∂W of a conv layer given its input and ∂L/∂output — the gradient at the last decoder layer
     without a second backward pass through the whole decoder."""
 
     def conv(k):
         return jax.lax.conv_general_dilated(
-            conv_input.astype(jnp.float32), k.astype(jnp.float32), window_strides=strides, padding=padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+            conv_input.astype(jnp.float32),
+            k.astype(jnp.float32),
+            window_strides=strides,
+            padding=padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups,
             precision=jax.lax.Precision.HIGHEST,
         )
 

@@ -4,6 +4,7 @@ Each device compares its local image features with the texts of all devices (and
 images), as open_clip's ClipLoss(local_loss=True, gather_with_grad=True) does. The result equals the loss of the
 full B_glob x B_glob logit matrix, but each device only materialises a (b_local x B_glob) block.
 """
+
 from __future__ import annotations
 
 import jax
@@ -27,7 +28,9 @@ def clip_loss_reference(image_features: jax.Array, text_features: jax.Array, log
     return 0.5 * (jnp.mean(_cross_entropy(logits, labels)) + jnp.mean(_cross_entropy(logits.T, labels)))
 
 
-def clip_loss(image_features: jax.Array, text_features: jax.Array, logit_scale: jax.Array, mesh: Mesh | None = None) -> jax.Array:
+def clip_loss(
+    image_features: jax.Array, text_features: jax.Array, logit_scale: jax.Array, mesh: Mesh | None = None
+) -> jax.Array:
     """Global-batch CLIP loss; `mesh` shards the batch over (data, fsdp). Without a mesh: the reference."""
     if mesh is None or mesh.shape["data"] * mesh.shape["fsdp"] == 1:
         return clip_loss_reference(image_features, text_features, logit_scale)

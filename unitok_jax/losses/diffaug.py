@@ -12,6 +12,7 @@ an on/off coin per op with probability `prob` = 1, so every op is always on here
 It does not clip: colour jitter can leave [-1, 1] (as in the reference). Layout NHWC, computed in float32.
 `blur_sigma_schedule(step, warmup_steps, image_size)` gives the warm-up sigma = sqrt(H / 2) * max(0, 1 - step / (2 warmup)).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,12 @@ def _conv_axis(x: jax.Array, kernel: jax.Array, radius: int, axis: int) -> jax.A
     shape = (2 * radius + 1, 1) if axis == 1 else (1, 2 * radius + 1)
     k = jnp.broadcast_to(kernel.reshape(shape + (1, 1)), shape + (1, c))
     return jax.lax.conv_general_dilated(
-        xp, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
+        xp,
+        k,
+        (1, 1),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=c,
         precision=jax.lax.Precision.HIGHEST,
     )
 

@@ -1,4 +1,5 @@
 """Pixel reconstruction losses (UniTok: 0.2·L1 + 1.0·L2 [+ LPIPS]), computed in float32 over all elements."""
+
 from __future__ import annotations
 
 import jax

@@ -1,4 +1,5 @@
 """Model registry: name → constructor. Explicit construction, no import-by-string."""
+
 from __future__ import annotations
 
 from flax import nnx

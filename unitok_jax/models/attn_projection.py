@@ -7,6 +7,7 @@ heads are averaged ('mean', compressing direction) or concatenated ('concat', ex
 embedding; `causal=True` reproduces the pre-April-2025 checkpoint variant. UniTok runs this module in float32 at
 HIGHEST matmul precision regardless of the model's compute dtype.
 """
+
 from __future__ import annotations
 
 import jax
@@ -35,7 +36,9 @@ def check_attn_projection(in_dim: int, out_dim: int, heads: int, head_reduction:
             f"({width}/{heads}={width // heads} != out_dim={out_dim})"
         )
     if head_reduction == "concat" and width != out_dim:
-        raise ValueError(f"{name}: head_reduction 'concat' needs out_dim >= in_dim (got in_dim={in_dim}, out_dim={out_dim})")
+        raise ValueError(
+            f"{name}: head_reduction 'concat' needs out_dim >= in_dim (got in_dim={in_dim}, out_dim={out_dim})"
+        )
 
 
 class ProjAttention(nnx.Module):
@@ -55,25 +58,37 @@ class ProjAttention(nnx.Module):
     ):
         width = max(in_dim, out_dim)
         self.heads, self.width, self.head_reduction, self.causal, self.precision = (
-            heads, width, head_reduction, causal, precision,
+            heads,
+            width,
+            head_reduction,
+            causal,
+            precision,
         )
         in_axis = ax.EMBED if in_dim == width else None
-        self.qkv = L.dense(in_dim, 3 * width, axes=(in_axis, ax.HEADS), use_bias=False, dtype=dtype,
-                           precision=precision, rngs=rngs)
+        self.qkv = L.dense(
+            in_dim, 3 * width, axes=(in_axis, ax.HEADS), use_bias=False, dtype=dtype, precision=precision, rngs=rngs
+        )
         self.q_bias = nnx.Param(L.partitioned(L.zeros, (ax.HEADS,))(rngs.params(), (width,), jnp.float32))
         self.v_bias = nnx.Param(L.partitioned(L.zeros, (ax.HEADS,))(rngs.params(), (width,), jnp.float32))
         attn_out = width // heads if head_reduction == "mean" else width
         out_axis = ax.EMBED if out_dim == width else None
-        self.proj = L.dense(attn_out, out_dim, axes=(ax.HEADS if head_reduction == "concat" else None, out_axis),
-                            dtype=dtype, precision=precision, rngs=rngs)
+        self.proj = L.dense(
+            attn_out,
+            out_dim,
+            axes=(ax.HEADS if head_reduction == "concat" else None, out_axis),
+            dtype=dtype,
+            precision=precision,
+            rngs=rngs,
+        )
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, _ = x.shape
         bias = jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.q_bias[...]), self.v_bias[...]])
         qkv = (self.qkv(x) + bias.astype(self.dtype)).reshape(b, n, 3, self.heads, self.width // self.heads)
-        o = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=self.causal,
-                                  precision=self.precision)  # (b, n, h, hd)
+        o = dot_product_attention(
+            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=self.causal, precision=self.precision
+        )  # (b, n, h, hd)
         if self.head_reduction == "mean":
             o = jnp.mean(o, axis=2)
         else:
@@ -101,13 +116,22 @@ class AttnProjection(nnx.Module):
         in_axis = ax.EMBED if in_dim == width else None
         out_axis = ax.EMBED if out_dim == width else None
         self.norm1 = L.layer_norm(in_dim, 1e-5, dtype=dtype, rngs=rngs)
-        self.attn = ProjAttention(in_dim, out_dim, heads, head_reduction=head_reduction, causal=causal,
-                                  dtype=dtype, precision=precision, rngs=rngs)
+        self.attn = ProjAttention(
+            in_dim,
+            out_dim,
+            heads,
+            head_reduction=head_reduction,
+            causal=causal,
+            dtype=dtype,
+            precision=precision,
+            rngs=rngs,
+        )
         self.norm3 = L.layer_norm(in_dim, 1e-5, dtype=dtype, rngs=rngs)
         self.proj = L.dense(in_dim, out_dim, axes=(in_axis, out_axis), dtype=dtype, precision=precision, rngs=rngs)
         self.norm2 = L.layer_norm(out_dim, 1e-5, dtype=dtype, rngs=rngs)
-        self.mlp = GeGluMlp(out_dim, 2 * out_dim, norm_eps=1e-6, dtype=dtype, precision=precision, in_axis=out_axis,
-                            rngs=rngs)
+        self.mlp = GeGluMlp(
+            out_dim, 2 * out_dim, norm_eps=1e-6, dtype=dtype, precision=precision, in_axis=out_axis, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
         """x (b, n, in_dim) → y (b, n, out_dim) [, {'shortcut', 'attn'}]."""

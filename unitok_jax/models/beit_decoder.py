@@ -6,6 +6,7 @@ LN eps 1e-6, no layer-scale; `use_mean_pooling=True` in the official model means
 is applied to the patch tokens (class token dropped). The regression head (`decode_task_layer`) lives in the
 composite. Returns patch tokens [b, n, d].
 """
+
 from __future__ import annotations
 
 import jax

@@ -10,6 +10,7 @@ Two ways to drive bicubic, because PyTorch maps coordinates differently for them
 - by scale factor:  out = floor(in * sf), src = (i + 0.5) / sf - 0.5   (TokenFlow's DINO-style positional-table
                     interpolation uses sf = (g + 0.1) / g0, which is *not* the same as size=g).
 """
+
 from __future__ import annotations
 
 import functools

@@ -15,6 +15,7 @@ Variants are configs of one module (`ViTConfig.from_dict`):
 The third variant, ViTamin (TokenFlow vitamin_xlarge_256), is a different architecture (hybrid MbConv stem, no
 class token, no positional table) and lives in `unitok_jax.models.vitamin_semantic` with the same interface.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,22 +35,22 @@ _ACTS = {"quick_gelu": L.quick_gelu, "gelu": L.gelu, "gelu_tanh": L.gelu_tanh}
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-    kind: str = "clip_vit"             # 'clip_vit' | 'siglip_vit'
-    input_resolution: int = 224        # resolution the positional table was trained for
+    kind: str = "clip_vit"  # 'clip_vit' | 'siglip_vit'
+    input_resolution: int = 224  # resolution the positional table was trained for
     patch_size: int = 16
     width: int = 768
-    layers: int = 12                   # layers in the checkpoint
+    layers: int = 12  # layers in the checkpoint
     heads: int = 12
-    mlp_dim: int | None = None         # default 4 * width (SigLIP-so400m: 4304)
+    mlp_dim: int | None = None  # default 4 * width (SigLIP-so400m: 4304)
     act: str = "quick_gelu"
     class_token: bool = True
     ln_pre: bool = True
     ln_post: bool = True
     patch_bias: bool = False
     ln_eps: float = 1e-5
-    output_layer: int = -1             # -1: last block; -2: hidden_states[-2] (SigLIP student)
-    proj_dim: int | None = None        # CLIP `visual.proj` (teacher only)
-    pool: str = "none"                 # 'none' (patch tokens) | 'mean' | 'cls' (also returned in aux)
+    output_layer: int = -1  # -1: last block; -2: hidden_states[-2] (SigLIP student)
+    proj_dim: int | None = None  # CLIP `visual.proj` (teacher only)
+    pool: str = "none"  # 'none' (patch tokens) | 'mean' | 'cls' (also returned in aux)
 
     @property
     def grid(self) -> int:
@@ -65,8 +66,15 @@ class ViTConfig:
         d = dict(d)
         kind = d.get("kind", "clip_vit")
         if kind == "siglip_vit":
-            defaults = dict(act="gelu_tanh", class_token=False, ln_pre=False, ln_post=False, patch_bias=True,
-                            ln_eps=1e-6, output_layer=-2)
+            defaults = dict(
+                act="gelu_tanh",
+                class_token=False,
+                ln_pre=False,
+                ln_post=False,
+                patch_bias=True,
+                ln_eps=1e-6,
+                output_layer=-2,
+            )
         elif kind == "clip_vit":
             defaults = {}
         else:

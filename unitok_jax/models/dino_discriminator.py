@@ -38,6 +38,7 @@ When `dino_path` is given the architecture fields must match the checkpoint (a V
 Loading happens at construction; under `jax.jit`/`nnx.eval_shape` construction the weights become constants, so
 build the real discriminator eagerly (or load weights into an eagerly built one with `load_dino_weights`).
 """
+
 from __future__ import annotations
 
 import math
@@ -77,9 +78,15 @@ def xavier_normal(gain: float):
 def conv1d(in_ch: int, out_ch: int, kernel_size: int, *, rngs: nnx.Rngs, dtype=jnp.float32, gain: float = 0.5):
     """Conv1d on [b, L, C] with VALID padding (circular padding is applied by the caller). Kernel (k, in, out)."""
     return nnx.Conv(
-        in_ch, out_ch, kernel_size=(kernel_size,), padding="VALID", dtype=dtype, param_dtype=jnp.float32,
+        in_ch,
+        out_ch,
+        kernel_size=(kernel_size,),
+        padding="VALID",
+        dtype=dtype,
+        param_dtype=jnp.float32,
         kernel_init=layers.partitioned(xavier_normal(gain), (None, ax.CONV_IN, ax.CONV_OUT)),
-        bias_init=layers.partitioned(layers.zeros, (ax.CONV_OUT,)), rngs=rngs,
+        bias_init=layers.partitioned(layers.zeros, (ax.CONV_OUT,)),
+        rngs=rngs,
     )
 
 
@@ -95,8 +102,14 @@ def group_norm(channels: int, groups: int, eps: float, *, rngs: nnx.Rngs, dtype=
     if channels % groups:
         raise ValueError(f"GroupNorm: {channels} channels are not divisible by {groups} groups")
     return nnx.GroupNorm(
-        channels, num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
-        scale_init=layers.partitioned(layers.ones, (ax.NORM,)), bias_init=layers.partitioned(layers.zeros, (ax.NORM,)),
+        channels,
+        num_groups=groups,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
+        scale_init=layers.partitioned(layers.ones, (ax.NORM,)),
+        bias_init=layers.partitioned(layers.zeros, (ax.NORM,)),
         rngs=rngs,
     )
 
@@ -207,4 +220,3 @@ class DinoDiscriminator(nnx.Module):
 def trainable_and_frozen(disc: nnx.Module) -> tuple[nnx.State, nnx.State]:
     """(trainable heads = nnx.Param, frozen backbone = FrozenParam) states of a discriminator."""
     return nnx.state(disc, nnx.Param), nnx.state(disc, dinov2.FrozenParam)
-

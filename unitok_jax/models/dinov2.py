@@ -20,6 +20,7 @@ Weights: `load_dinov2(path_or_state_dict, ...)` reads `dinov2_vits14_pretrain.pt
 ls2.gamma}.*`, `norm.*`), strictly. `freeze(module)` turns every `nnx.Param` inside into `FrozenParam`, so
 `nnx.state(parent, nnx.Param)` / `nnx.split(parent, nnx.Param, ...)` never see DINO weights.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,7 +82,7 @@ class Attention(nnx.Module):
         hd = d // self.heads
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, hd)  # rows [q; k; v], head-major inside each
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (hd ** -0.5)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (hd**-0.5)
         attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
         return self.proj(out)
@@ -197,16 +198,24 @@ def expected_dinov2_keys(cfg: DinoV2Config) -> dict[str, tuple[int, ...]]:
     }
     for i in range(cfg.depth):
         pre = f"blocks.{i}."
-        keys.update({
-            pre + "norm1.weight": (d,), pre + "norm1.bias": (d,),
-            pre + "attn.qkv.weight": (3 * d, d), pre + "attn.qkv.bias": (3 * d,),
-            pre + "attn.proj.weight": (d, d), pre + "attn.proj.bias": (d,),
-            pre + "ls1.gamma": (d,),
-            pre + "norm2.weight": (d,), pre + "norm2.bias": (d,),
-            pre + "mlp.fc1.weight": (m, d), pre + "mlp.fc1.bias": (m,),
-            pre + "mlp.fc2.weight": (d, m), pre + "mlp.fc2.bias": (d,),
-            pre + "ls2.gamma": (d,),
-        })
+        keys.update(
+            {
+                pre + "norm1.weight": (d,),
+                pre + "norm1.bias": (d,),
+                pre + "attn.qkv.weight": (3 * d, d),
+                pre + "attn.qkv.bias": (3 * d,),
+                pre + "attn.proj.weight": (d, d),
+                pre + "attn.proj.bias": (d,),
+                pre + "ls1.gamma": (d,),
+                pre + "norm2.weight": (d,),
+                pre + "norm2.bias": (d,),
+                pre + "mlp.fc1.weight": (m, d),
+                pre + "mlp.fc1.bias": (m,),
+                pre + "mlp.fc2.weight": (d, m),
+                pre + "mlp.fc2.bias": (d,),
+                pre + "ls2.gamma": (d,),
+            }
+        )
     return keys
 
 
@@ -218,8 +227,9 @@ def config_from_state_dict(sd, *, heads: int | None = None) -> DinoV2Config:
     g = int(round(np.sqrt(n)))
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
     m = int(np.shape(sd["blocks.0.mlp.fc1.weight"])[0]) if depth else 4 * d
-    return DinoV2Config(patch_size=p, dim=d, depth=depth, heads=heads or max(1, d // 64), mlp_ratio=m / d,
-                        pretrain_grid=g)
+    return DinoV2Config(
+        patch_size=p, dim=d, depth=depth, heads=heads or max(1, d // 64), mlp_ratio=m / d, pretrain_grid=g
+    )
 
 
 def _read(path_or_state_dict) -> dict[str, np.ndarray]:
@@ -238,8 +248,11 @@ def load_dinov2_weights(model: DinoV2, path_or_state_dict) -> DinoV2:
     want = expected_dinov2_keys(cfg)
     missing = sorted(set(want) - set(sd))
     unexpected = sorted(set(sd) - set(want))
-    wrong = [f"{k}: got {tuple(np.shape(v))}, expected {want[k]}" for k, v in sd.items()
-             if k in want and tuple(np.shape(v)) != want[k]]
+    wrong = [
+        f"{k}: got {tuple(np.shape(v))}, expected {want[k]}"
+        for k, v in sd.items()
+        if k in want and tuple(np.shape(v)) != want[k]
+    ]
     if missing or unexpected or wrong:
         raise ValueError(
             f"DINOv2 state dict does not match {cfg}:"
@@ -254,7 +267,8 @@ def load_dinov2_weights(model: DinoV2, path_or_state_dict) -> DinoV2:
     model.pos_embed.set_value(f("pos_embed"))
     model.mask_token.set_value(f("mask_token"))
     model.patch_embed.kernel.set_value(
-        jnp.asarray(np.asarray(sd["patch_embed.proj.weight"], np.float32).transpose(2, 3, 1, 0)))
+        jnp.asarray(np.asarray(sd["patch_embed.proj.weight"], np.float32).transpose(2, 3, 1, 0))
+    )
     model.patch_embed.bias.set_value(f("patch_embed.proj.bias"))
     model.norm.scale.set_value(f("norm.weight"))
     model.norm.bias.set_value(f("norm.bias"))
@@ -263,8 +277,12 @@ def load_dinov2_weights(model: DinoV2, path_or_state_dict) -> DinoV2:
         for mod, name in ((blk.norm1, "norm1"), (blk.norm2, "norm2")):
             mod.scale.set_value(f(pre + name + ".weight"))
             mod.bias.set_value(f(pre + name + ".bias"))
-        for mod, name in ((blk.attn.qkv, "attn.qkv"), (blk.attn.proj, "attn.proj"), (blk.mlp.fc1, "mlp.fc1"),
-                          (blk.mlp.fc2, "mlp.fc2")):
+        for mod, name in (
+            (blk.attn.qkv, "attn.qkv"),
+            (blk.attn.proj, "attn.proj"),
+            (blk.mlp.fc1, "mlp.fc1"),
+            (blk.mlp.fc2, "mlp.fc2"),
+        ):
             mod.kernel.set_value(lin(pre + name + ".weight"))
             mod.bias.set_value(f(pre + name + ".bias"))
         blk.ls1.gamma.set_value(f(pre + "ls1.gamma"))

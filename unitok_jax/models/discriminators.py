@@ -8,6 +8,7 @@ Both discriminators share that call signature. Trainable weights are exactly `nn
 Config fields: see `patch_discriminator` ("patch") and `dino_discriminator` ("dino") module docstrings; fields that a
 discriminator does not use are ignored (e.g. `num_layers` for "dino", `dino_path` for "patch").
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping

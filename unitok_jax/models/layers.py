@@ -5,6 +5,7 @@ Everything is NHWC. Parameters are created in float32 and annotated with logical
 These helpers exist so that PyTorch-parity details (symmetric padding on stride-2 convs, eps values,
 exact vs tanh GELU, nearest up-sampling, average pooling that excludes padding) live in one place.
 """
+
 from __future__ import annotations
 
 from typing import Sequence

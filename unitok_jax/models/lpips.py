@@ -21,6 +21,7 @@ Weights: `load_lpips(path_or_state_dict)` reads UniTok's `lpips_with_vgg.pth` (k
 (a `param/` prefix, as in the parity fixture, is stripped). Every key must be consumed; missing, unexpected and
 wrongly shaped keys raise a `ValueError` listing them.
 """
+
 from __future__ import annotations
 
 import os
@@ -176,7 +177,7 @@ def _read_state_dict(path_or_state_dict) -> dict[str, np.ndarray]:
     # The parity fixture stores the state dict under `param/`; inputs/outputs of other prefixes are ignored only
     # when that prefix is present (then the `param/` entries are the state dict).
     if any(k.startswith("param/") for k in sd):
-        sd = {k[len("param/"):]: v for k, v in sd.items() if k.startswith("param/")}
+        sd = {k[len("param/") :]: v for k, v in sd.items() if k.startswith("param/")}
     return sd
 
 

@@ -7,6 +7,7 @@ codebooks. Code assignment runs ONE codebook at a time (lax.map), so at most one
 alive. No EMA, no dead-code restarts, no stateful usage buffers: per-call counts/usage/perplexity are returned
 instead (under jit on global arrays they are global counts).
 """
+
 from __future__ import annotations
 
 import math
@@ -102,7 +103,9 @@ class MultiCodebookQuantizer(nnx.Module):
         b, n, _ = z.shape
         k = self.num_codebooks
         idx, q, zn, counts = self._assign_all(z)  # (k, m), (k, m, d), (k, m, d), (k, K)
-        loss_k = self.beta * jnp.mean(jnp.square(sg(q) - zn), axis=(1, 2)) + jnp.mean(jnp.square(q - sg(zn)), axis=(1, 2))
+        loss_k = self.beta * jnp.mean(jnp.square(sg(q) - zn), axis=(1, 2)) + jnp.mean(
+            jnp.square(q - sg(zn)), axis=(1, 2)
+        )
         out = zn + sg(q - zn)  # straight-through: value q, gradient to ẑ
 
         def merge(t):  # (k, b·n, d) → (b, n, k·d), codebook j ↔ channels j·d … (j+1)·d

@@ -16,6 +16,7 @@ Config fields (mapping or ConfigDict; all optional):
   norm_eps     float GroupNorm eps (1e-6).
   dtype        str   compute dtype 'float32' (default) or 'bfloat16'.
 """
+
 from __future__ import annotations
 
 import math

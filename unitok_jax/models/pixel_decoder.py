@@ -5,6 +5,7 @@ MBConv blocks, the first of each up-samples, with a *full* 3×3 conv at the expa
 nearest×2 + conv, LN2d + GELU, conv3×3 → 3 channels). No output activation (clamp only at inference). The last conv
 `up_conv4.conv2` is exposed for the adaptive GAN weight; `__call__` also returns its input.
 """
+
 from __future__ import annotations
 
 import math
@@ -110,8 +111,10 @@ class PixelDecoder(nnx.Module):
             [InvMbConvLNBlock(c1, c1, 2 if i == 0 else 1, er, dtype=dtype, rngs=rngs) for i in range(d2)]
         )
         self.up_conv3 = nnx.List(
-            [InvMbConvLNBlock(c1 if i == 0 else c2, c2, 2 if i == 0 else 1, er, dtype=dtype, rngs=rngs)
-             for i in range(d3)]
+            [
+                InvMbConvLNBlock(c1 if i == 0 else c2, c2, 2 if i == 0 else 1, er, dtype=dtype, rngs=rngs)
+                for i in range(d3)
+            ]
         )
         self.up_conv4 = InvStem(c2, 3, dtype=dtype, rngs=rngs)
 
@@ -138,8 +141,9 @@ class PixelDecoder(nnx.Module):
             grid_hw = (g, g)
         h, w = grid_hw
         inter = {}
-        x, outs = self.blocks(tokens.astype(self.dtype), deterministic=deterministic, rngs=rngs,
-                              return_all=return_intermediates)  # no stacked per-block outputs in training
+        x, outs = self.blocks(
+            tokens.astype(self.dtype), deterministic=deterministic, rngs=rngs, return_all=return_intermediates
+        )  # no stacked per-block outputs in training
         for i, o in enumerate(outs):
             inter[f"dec_block{i}"] = o
         x = self.norm(x)

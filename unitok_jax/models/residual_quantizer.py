@@ -11,6 +11,7 @@
     UniTok's MultiCodebookQuantizer (`__call__(z [b,n,d]) -> (quant, aux)`, aux['indices'] [b,k,n]), so the
     MCQ-vs-RQ ablation is one config switch.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -194,13 +195,22 @@ class ResidualQuantizer(nnx.Module):
         self.dim = dim
         self.beta = float(beta)
         self.l2_norm = bool(l2_norm)
-        w = jax.random.uniform(rngs.params(), (num_stages, codebook_size, dim), jnp.float32,
-                               -1.0 / codebook_size, 1.0 / codebook_size)
+        w = jax.random.uniform(
+            rngs.params(), (num_stages, codebook_size, dim), jnp.float32, -1.0 / codebook_size, 1.0 / codebook_size
+        )
         self.codebooks = nnx.Param(w, out_sharding=(None, ax.CODEBOOK, None))
 
     @classmethod
-    def from_mcq_args(cls, num_codebooks: int, codebook_size: int, codebook_dim: int, *, rngs: nnx.Rngs,
-                      beta: float = 0.25, l2_norm: bool = True) -> "ResidualQuantizer":
+    def from_mcq_args(
+        cls,
+        num_codebooks: int,
+        codebook_size: int,
+        codebook_dim: int,
+        *,
+        rngs: nnx.Rngs,
+        beta: float = 0.25,
+        l2_norm: bool = True,
+    ) -> "ResidualQuantizer":
         """Same arguments as `MultiCodebookQuantizer`: k stages over the full k*d latent."""
         return cls(num_codebooks, codebook_size, num_codebooks * codebook_dim, beta=beta, l2_norm=l2_norm, rngs=rngs)
 
@@ -229,8 +239,10 @@ class ResidualQuantizer(nnx.Module):
             e = self.codebooks[...][i].astype(jnp.float32)
             idx = self._assign(r.reshape(-1, d), e).reshape(b, n)
             q = e[idx]
-            losses.append(jnp.mean(jnp.square(q - jax.lax.stop_gradient(r)))
-                          + self.beta * jnp.mean(jnp.square(jax.lax.stop_gradient(q) - r)))
+            losses.append(
+                jnp.mean(jnp.square(q - jax.lax.stop_gradient(r)))
+                + self.beta * jnp.mean(jnp.square(jax.lax.stop_gradient(q) - r))
+            )
             total = total + q
             r = r - jax.lax.stop_gradient(q)
             idx_all.append(idx)

@@ -8,6 +8,7 @@ Assignment and losses are computed in float32 at HIGHEST precision whatever the 
 It does not do multi-scale residual quantisation (`residual_quantizer.MultiScaleResidualQuantizer` wraps it) and
 keeps no state: the official FIFO `codebook_used` buffer is replaced by per-batch counts.
 """
+
 from __future__ import annotations
 
 import jax
@@ -140,8 +141,10 @@ class SharedDualCodebookQuantizer(nnx.Module):
     def quantize(self, z: jax.Array, *, log_distance_norms: bool = False) -> tuple[jax.Array, dict]:
         lead = z.shape[:-1]
         if z.shape[-1] != self.dim:
-            raise ValueError(f"shared quantizer expects {self.dim} channels ({self.semantic_dim}+{self.pixel_dim}), "
-                             f"got {z.shape[-1]}")
+            raise ValueError(
+                f"shared quantizer expects {self.dim} channels ({self.semantic_dim}+{self.pixel_dim}), "
+                f"got {z.shape[-1]}"
+            )
         zn = self.split_normalize(z)
         zn_flat = zn.reshape(-1, self.dim)
         es, ep = self.normalized_codebooks()

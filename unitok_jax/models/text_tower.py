@@ -3,6 +3,7 @@ with packed multi-head attention under an additive causal mask and an exact-GELU
 argmax(ids) (EOT, the largest id) → `x @ text_projection`. LayerNorm eps 1e-5 everywhere. Returns unnormalised
 features; the UniTok composite l2-normalises them. No cls token, no layer-scale, no attention pooling.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,10 +39,12 @@ class TextAttention(nnx.Module):
     def __init__(self, width: int, heads: int, layers: int, *, causal: bool, rngs: nnx.Rngs, dtype=jnp.float32):
         self.heads, self.causal = heads, causal
         proj_std = width**-0.5 * (2 * layers) ** -0.5
-        self.in_proj = L.dense(width, 3 * width, axes=(ax.EMBED, ax.HEADS), kernel_init=normal_init(width**-0.5),
-                               dtype=dtype, rngs=rngs)
-        self.out_proj = L.dense(width, width, axes=(ax.HEADS, ax.EMBED), kernel_init=normal_init(proj_std),
-                                dtype=dtype, rngs=rngs)
+        self.in_proj = L.dense(
+            width, 3 * width, axes=(ax.EMBED, ax.HEADS), kernel_init=normal_init(width**-0.5), dtype=dtype, rngs=rngs
+        )
+        self.out_proj = L.dense(
+            width, width, axes=(ax.HEADS, ax.EMBED), kernel_init=normal_init(proj_std), dtype=dtype, rngs=rngs
+        )
 
     def __call__(self, x):
         b, t, d = x.shape
@@ -53,10 +56,24 @@ class TextAttention(nnx.Module):
 class TextMlp(nnx.Module):
     def __init__(self, width: int, hidden: int, layers: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
         proj_std = width**-0.5 * (2 * layers) ** -0.5
-        self.c_fc = L.dense(width, hidden, axes=(ax.EMBED, ax.MLP), kernel_init=normal_init((2 * width) ** -0.5),
-                            bias_init=torch_default_uniform(width), dtype=dtype, rngs=rngs)
-        self.c_proj = L.dense(hidden, width, axes=(ax.MLP, ax.EMBED), kernel_init=normal_init(proj_std),
-                              bias_init=torch_default_uniform(hidden), dtype=dtype, rngs=rngs)
+        self.c_fc = L.dense(
+            width,
+            hidden,
+            axes=(ax.EMBED, ax.MLP),
+            kernel_init=normal_init((2 * width) ** -0.5),
+            bias_init=torch_default_uniform(width),
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.c_proj = L.dense(
+            hidden,
+            width,
+            axes=(ax.MLP, ax.EMBED),
+            kernel_init=normal_init(proj_std),
+            bias_init=torch_default_uniform(hidden),
+            dtype=dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x):
         return self.c_proj(L.gelu(self.c_fc(x)))
@@ -96,15 +113,22 @@ class TextTransformer(nnx.Module):
         self.dtype = dtype
         self.context_length = cfg.context_length
         self.token_embedding = nnx.Embed(
-            cfg.vocab_size, width, dtype=dtype, param_dtype=jnp.float32,
-            embedding_init=L.partitioned(normal_init(0.02), (ax.VOCAB, ax.EMBED)), rngs=rngs,
+            cfg.vocab_size,
+            width,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            embedding_init=L.partitioned(normal_init(0.02), (ax.VOCAB, ax.EMBED)),
+            rngs=rngs,
         )
         self.positional_embedding = nnx.Param(
             L.partitioned(normal_init(0.01), (None, ax.EMBED))(rngs.params(), (cfg.context_length, width), jnp.float32)
         )
         self.resblocks = BlockStack(
             lambda r: TextResBlock(width, heads, mlp_ratio, layers, causal=causal, dtype=dtype, rngs=r),
-            layers, scan=scan_blocks, remat=remat, rngs=rngs,
+            layers,
+            scan=scan_blocks,
+            remat=remat,
+            rngs=rngs,
         )
         self.ln_final = L.layer_norm(width, 1e-5, dtype=dtype, rngs=rngs)
         self.text_projection = nnx.Param(

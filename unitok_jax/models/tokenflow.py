@@ -12,6 +12,7 @@ This module also holds the config presets (`tokenflow_model_config`), the offici
 `load_semantic_encoder`, `load_tokenflow`) are in `convert/tokenflow.py`, its distillation loss in
 `losses/distillation.py`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,42 +48,107 @@ _TINY = {
     "image_size": 64,
     "scales": [1, 2, 4],
     "infer_interpolate": False,
-    "semantic_encoder": {"kind": "clip_vit", "input_resolution": 64, "patch_size": 16, "width": 64, "layers": 2,
-                         "heads": 2, "act": "quick_gelu", "class_token": True},
+    "semantic_encoder": {
+        "kind": "clip_vit",
+        "input_resolution": 64,
+        "patch_size": 16,
+        "width": 64,
+        "layers": 2,
+        "heads": 2,
+        "act": "quick_gelu",
+        "class_token": True,
+    },
     "encode_task_layer": {"hidden": 64, "out": 32, "act": "tanh"},
-    "pixel_encoder": {"ch": 32, "ch_mult": [1, 1, 2, 2, 2], "num_res_blocks": 2, "z_channels": 32,
-                      "attn_at_last_level": True},
-    "quantizer": {"codebook_size": 256, "semantic_dim": 32, "pixel_dim": 8, "w_dis": 1.0, "beta": 0.25,
-                  "l2_norm": True},
+    "pixel_encoder": {
+        "ch": 32,
+        "ch_mult": [1, 1, 2, 2, 2],
+        "num_res_blocks": 2,
+        "z_channels": 32,
+        "attn_at_last_level": True,
+    },
+    "quantizer": {
+        "codebook_size": 256,
+        "semantic_dim": 32,
+        "pixel_dim": 8,
+        "w_dis": 1.0,
+        "beta": 0.25,
+        "l2_norm": True,
+    },
     "semantic_decoder": {"embed_dim": 64, "depth": 3, "heads": 2, "mlp_ratio": 4, "out_dim": 48},
     "decode_task_layer": {"hidden": 64, "out": 48, "act": "tanh"},
-    "pixel_decoder": {"ch": 32, "ch_mult": [1, 1, 2, 2, 2], "num_res_blocks": 2, "z_channels": 32,
-                      "attn_at_coarsest_level": True},
+    "pixel_decoder": {
+        "ch": 32,
+        "ch_mult": [1, 1, 2, 2, 2],
+        "num_res_blocks": 2,
+        "z_channels": 32,
+        "attn_at_coarsest_level": True,
+    },
     # extras (not in the fixture block)
-    "teacher": {"kind": "clip_vit", "input_resolution": 64, "patch_size": 16, "width": 64, "layers": 2, "heads": 2,
-                "proj_dim": 48, "normalize": "clip"},
+    "teacher": {
+        "kind": "clip_vit",
+        "input_resolution": 64,
+        "patch_size": 16,
+        "width": 64,
+        "layers": 2,
+        "heads": 2,
+        "proj_dim": 48,
+        "normalize": "clip",
+    },
 }
 
-_CLIP_B16 = {"kind": "clip_vit", "input_resolution": 224, "patch_size": 16, "width": 768, "layers": 12, "heads": 12,
-             "act": "quick_gelu", "class_token": True}
-_SIGLIP_SO400M = {"kind": "siglip_vit", "input_resolution": 384, "patch_size": 14, "width": 1152, "layers": 27,
-                  "heads": 16, "mlp_dim": 4304, "output_layer": -2}
+_CLIP_B16 = {
+    "kind": "clip_vit",
+    "input_resolution": 224,
+    "patch_size": 16,
+    "width": 768,
+    "layers": 12,
+    "heads": 12,
+    "act": "quick_gelu",
+    "class_token": True,
+}
+_SIGLIP_SO400M = {
+    "kind": "siglip_vit",
+    "input_resolution": 384,
+    "patch_size": 14,
+    "width": 1152,
+    "layers": 27,
+    "heads": 16,
+    "mlp_dim": 4304,
+    "output_layer": -2,
+}
 # timm `vitamin_xlarge_256` with head/fc_norm deleted (spec §2.2): `norm` is Identity, no positional table.
-_VITAMIN_XL = {"kind": "vitamin", "input_resolution": 256, "stem_width": 192, "stage_widths": [192, 384],
-               "stage_depths": [2, 4], "mbconv_expand_ratio": 4.0, "vit_width": 1152, "vit_depth": 32,
-               "vit_heads": 16, "mlp_ratio": 2.0, "final_norm": False}
+_VITAMIN_XL = {
+    "kind": "vitamin",
+    "input_resolution": 256,
+    "stem_width": 192,
+    "stage_widths": [192, 384],
+    "stage_depths": [2, 4],
+    "mbconv_expand_ratio": 4.0,
+    "vit_width": 1152,
+    "vit_depth": 32,
+    "vit_heads": 16,
+    "mlp_ratio": 2.0,
+    "final_norm": False,
+}
 _PIX_ENC = {"ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "z_channels": 256, "attn_at_last_level": True}
-_PIX_DEC = {"ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "z_channels": 256,
-            "attn_at_coarsest_level": True}
+_PIX_DEC = {
+    "ch": 128,
+    "ch_mult": [1, 1, 2, 2, 4],
+    "num_res_blocks": 2,
+    "z_channels": 256,
+    "attn_at_coarsest_level": True,
+}
 _QUANT = {"codebook_size": 32768, "semantic_dim": 32, "pixel_dim": 8, "w_dis": 1.0, "beta": 0.25, "l2_norm": True}
 
 
 def _semantic_heads(width: int, teacher_dim: int) -> dict:
     """encode_task_layer (width -> 32), BEiT semantic decoder (3 blocks, 12 heads) and decode_task_layer
     (width -> teacher_dim): the same structure for every semantic tower (spec §2.3, §4.1)."""
-    return {"encode_task_layer": {"hidden": width, "out": 32, "act": "tanh"},
-            "semantic_decoder": {"embed_dim": width, "depth": 3, "heads": 12, "mlp_ratio": 4, "out_dim": teacher_dim},
-            "decode_task_layer": {"hidden": width, "out": teacher_dim, "act": "tanh"}}
+    return {
+        "encode_task_layer": {"hidden": width, "out": 32, "act": "tanh"},
+        "semantic_decoder": {"embed_dim": width, "depth": 3, "heads": 12, "mlp_ratio": 4, "out_dim": teacher_dim},
+        "decode_task_layer": {"hidden": width, "out": teacher_dim, "act": "tanh"},
+    }
 
 
 _CLIPB_224 = {
@@ -103,17 +169,22 @@ _PRESETS: dict[str, dict] = {
     "tiny": _TINY,
     "clipb_224": _CLIPB_224,
     # Released T2I tokenizer geometry at 256 px (positional tables interpolated 14 -> 16, 817 tokens).
-    "clipb_256": dict(copy.deepcopy(_CLIPB_224), image_size=256, infer_interpolate=True,
-                      scales=[1, 2, 4, 6, 8, 10, 12, 14, 16]),
+    "clipb_256": dict(
+        copy.deepcopy(_CLIPB_224), image_size=256, infer_interpolate=True, scales=[1, 2, 4, 6, 8, 10, 12, 14, 16]
+    ),
     # tokenflow_clipb_32k_enhanced.pt: same, with the "enhanced" pixel decoder (ch 256, 4+1 res blocks per level).
-    "clipb_256_enhanced": dict(copy.deepcopy(_CLIPB_224), image_size=256, infer_interpolate=True,
-                               scales=[1, 2, 4, 6, 8, 10, 12, 14, 16],
-                               pixel_decoder=dict(_PIX_DEC, ch=256, num_res_blocks=4)),
+    "clipb_256_enhanced": dict(
+        copy.deepcopy(_CLIPB_224),
+        image_size=256,
+        infer_interpolate=True,
+        scales=[1, 2, 4, 6, 8, 10, 12, 14, 16],
+        pixel_decoder=dict(_PIX_DEC, ch=256, num_res_blocks=4),
+    ),
     # tokenflow_siglip_32k.pt (I2T): SigLIP-so400m/14 student (hidden_states[-2]), 27x27 grid, 2227 tokens.
     "siglip_384": {
         "teacher_branch": "siglip_384",
         "image_size": 384,
-        "pixel_image_size": 432,   # the pixel CNN sees a 432 px bicubic resize (27 x 16), decoded back to 384
+        "pixel_image_size": 432,  # the pixel CNN sees a 432 px bicubic resize (27 x 16), decoded back to 384
         "scales": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 17, 22, 27],
         "infer_interpolate": False,
         "semantic_encoder": dict(_SIGLIP_SO400M, input_scaling="siglip"),
@@ -145,23 +216,44 @@ _PRESETS: dict[str, dict] = {
 # not in the code: the released weights were trained on ~100M LAION+COYO samples (issue #19) and the global batch
 # of 256 is implied by issue #22 (the scripts pass 32).
 _BASE_RECIPE = {
-    "optimizer": "adam", "learning_rate": 1e-4, "b1": 0.9, "b2": 0.95, "weight_decay": 0.0,
-    "schedule": "constant", "warmup_steps": 0,
-    "grad_clip_norm": 1.0, "disc_grad_clip_norm": 1.0,
-    "disc_optimizer": "adam", "disc_learning_rate": 1e-4, "disc_b1": 0.9, "disc_b2": 0.95,
-    "global_batch_size": 256,        # inferred (issue #22); scripts: --global-batch-size 32
-    "epochs": 100, "dataset": "imagenet2012_train",
+    "optimizer": "adam",
+    "learning_rate": 1e-4,
+    "b1": 0.9,
+    "b2": 0.95,
+    "weight_decay": 0.0,
+    "schedule": "constant",
+    "warmup_steps": 0,
+    "grad_clip_norm": 1.0,
+    "disc_grad_clip_norm": 1.0,
+    "disc_optimizer": "adam",
+    "disc_learning_rate": 1e-4,
+    "disc_b1": 0.9,
+    "disc_b2": 0.95,
+    "global_batch_size": 256,  # inferred (issue #22); scripts: --global-batch-size 32
+    "epochs": 100,
+    "dataset": "imagenet2012_train",
     "augmentation": "random_crop_arr (short side to U[S, S/0.8], random SxS crop) + horizontal flip -> [-1, 1]",
-    "rec_loss": "l2", "rec_weight": 1.0,
-    "perceptual_loss": "lpips_vgg16", "perceptual_weight": 1.0, "lpips_dropout": True,
-    "disc": "patchgan_nlayer3_bn", "disc_loss": "hinge", "gen_adv_loss": "hinge",
-    "disc_weight": 0.5, "disc_start": 20000, "adaptive_disc_weight": False,
-    "codebook_beta": 0.25, "entropy_ratio": 0.0, "codebook_weight": 1.0,  # codebook_weight is never applied
-    "sem_distill_loss": "cosine", "sem_distill_weight": 1.0,
+    "rec_loss": "l2",
+    "rec_weight": 1.0,
+    "perceptual_loss": "lpips_vgg16",
+    "perceptual_weight": 1.0,
+    "lpips_dropout": True,
+    "disc": "patchgan_nlayer3_bn",
+    "disc_loss": "hinge",
+    "gen_adv_loss": "hinge",
+    "disc_weight": 0.5,
+    "disc_start": 20000,
+    "adaptive_disc_weight": False,
+    "codebook_beta": 0.25,
+    "entropy_ratio": 0.0,
+    "codebook_weight": 1.0,  # codebook_weight is never applied
+    "sem_distill_loss": "cosine",
+    "sem_distill_weight": 1.0,
     "scale_drop_prob": 0.1,
     "ema": False,
     "mixed_precision": "fp16 (official); bf16 suggested",
-    "ckpt_every_steps": 5000, "log_every_steps": 100,
+    "ckpt_every_steps": 5000,
+    "log_every_steps": 100,
 }
 TOKENFLOW_TRAIN_RECIPES: dict[str, dict] = {
     "clipb_224": dict(_BASE_RECIPE, model="clipb_224", image_size=224, teacher_normalize="clip"),
@@ -171,8 +263,13 @@ TOKENFLOW_TRAIN_RECIPES: dict[str, dict] = {
     # pixel decoder), the enhanced decoder starts from random init, everything else frozen, model in train mode
     # (scale drop still on), GAN active from the first step (steps restored > 20000; reset steps explicitly).
     "clipb_224_enhanced_decoder_finetune": dict(
-        _BASE_RECIPE, model="clipb_256_enhanced", image_size=224, trainable_regex=r"^decoder/", init_from="base",
-        disc_start=0),
+        _BASE_RECIPE,
+        model="clipb_256_enhanced",
+        image_size=224,
+        trainable_regex=r"^decoder/",
+        init_from="base",
+        disc_start=0,
+    ),
 }
 
 
@@ -199,8 +296,17 @@ def normalize_config(cfg: Mapping[str, Any] | str) -> dict:
         return tokenflow_model_config(cfg)
     c = _to_dict(cfg)
     c.pop("_doc", None)
-    required = ["image_size", "scales", "semantic_encoder", "encode_task_layer", "pixel_encoder", "quantizer",
-                "semantic_decoder", "decode_task_layer", "pixel_decoder"]
+    required = [
+        "image_size",
+        "scales",
+        "semantic_encoder",
+        "encode_task_layer",
+        "pixel_encoder",
+        "quantizer",
+        "semantic_decoder",
+        "decode_task_layer",
+        "pixel_decoder",
+    ]
     missing = [k for k in required if k not in c]
     if missing:
         raise ValueError(f"TokenFlow config is missing {missing}")
@@ -221,8 +327,9 @@ def normalize_config(cfg: Mapping[str, Any] | str) -> dict:
     c["semantic_encoder"] = se
     se.setdefault("input_scaling", "none")
     if se["input_scaling"] not in INPUT_SCALINGS:
-        raise ValueError(f"semantic_encoder.input_scaling must be one of {list(INPUT_SCALINGS)}, "
-                         f"got {se['input_scaling']!r}")
+        raise ValueError(
+            f"semantic_encoder.input_scaling must be one of {list(INPUT_SCALINGS)}, got {se['input_scaling']!r}"
+        )
     if se.get("kind", "clip_vit") not in SEMANTIC_ENCODER_KINDS:
         raise ValueError(f"unknown semantic_encoder.kind {se.get('kind')!r}; available: {list(SEMANTIC_ENCODER_KINDS)}")
     return c
@@ -252,6 +359,7 @@ def semantic_vit(cfg: Mapping[str, Any], *, rngs, dtype=jnp.float32) -> nnx.Modu
 # ---------------------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class KeySeq:
     """Duck-typed stand-in for `nnx.Rngs` during construction: one draw from the caller's Rngs, then
@@ -302,29 +410,55 @@ class TokenFlow(nnx.Module):
             raise ValueError(f"encode_task_layer.out ({et['out']}) != quantizer.semantic_dim ({q['semantic_dim']})")
         self.encode_task_layer = TaskLayer(self.vit_cfg.width, et["hidden"], et["out"], dtype=dtype, rngs=rngs)
         pe = cfg["pixel_encoder"]
-        self.encoder = Encoder(ch=pe["ch"], ch_mult=tuple(pe["ch_mult"]), num_res_blocks=pe["num_res_blocks"],
-                               z_channels=pe["z_channels"], attn_at_last_level=pe.get("attn_at_last_level", True),
-                               dtype=dtype, rngs=rngs)
+        self.encoder = Encoder(
+            ch=pe["ch"],
+            ch_mult=tuple(pe["ch_mult"]),
+            num_res_blocks=pe["num_res_blocks"],
+            z_channels=pe["z_channels"],
+            attn_at_last_level=pe.get("attn_at_last_level", True),
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.quant_conv = L.conv2d(pe["z_channels"], q["pixel_dim"], 1, padding=0, dtype=dtype, rngs=rngs)
         # `quantize` = multi-scale residual loop around the shared dual codebook (official prefix `quantize.`).
         self.quantize = MultiScaleResidualQuantizer(
             SharedDualCodebookQuantizer(
-                q["codebook_size"], q["semantic_dim"], q["pixel_dim"], w_dis=q.get("w_dis", 1.0),
-                beta=q.get("beta", 0.25), entropy_ratio=q.get("entropy_ratio", 0.0),
-                token_chunk=q.get("token_chunk"), rngs=rngs),
-            cfg["scales"], scale_drop_prob=cfg["scale_drop_prob"])
+                q["codebook_size"],
+                q["semantic_dim"],
+                q["pixel_dim"],
+                w_dis=q.get("w_dis", 1.0),
+                beta=q.get("beta", 0.25),
+                entropy_ratio=q.get("entropy_ratio", 0.0),
+                token_chunk=q.get("token_chunk"),
+                rngs=rngs,
+            ),
+            cfg["scales"],
+            scale_drop_prob=cfg["scale_drop_prob"],
+        )
         sd = cfg["semantic_decoder"]
-        self.decoder_vqkd = BeitDecoder(in_chans=q["semantic_dim"], embed_dim=sd["embed_dim"], depth=sd["depth"],
-                                        heads=sd["heads"], mlp_ratio=sd.get("mlp_ratio", 4),
-                                        grid=sd.get("grid", self.vit_cfg.grid), dtype=dtype, rngs=rngs)
+        self.decoder_vqkd = BeitDecoder(
+            in_chans=q["semantic_dim"],
+            embed_dim=sd["embed_dim"],
+            depth=sd["depth"],
+            heads=sd["heads"],
+            mlp_ratio=sd.get("mlp_ratio", 4),
+            grid=sd.get("grid", self.vit_cfg.grid),
+            dtype=dtype,
+            rngs=rngs,
+        )
         dt = cfg["decode_task_layer"]
         self.decode_task_layer = TaskLayer(sd["embed_dim"], dt["hidden"], dt["out"], dtype=dtype, rngs=rngs)
         pd = cfg["pixel_decoder"]
         self.post_quant_conv = L.conv2d(q["pixel_dim"], pd["z_channels"], 1, padding=0, dtype=dtype, rngs=rngs)
-        self.decoder = Decoder(ch=pd["ch"], ch_mult=tuple(pd["ch_mult"]), num_res_blocks=pd["num_res_blocks"],
-                               z_channels=pd["z_channels"],
-                               attn_at_coarsest_level=pd.get("attn_at_coarsest_level", True),
-                               dtype=dtype, rngs=rngs)
+        self.decoder = Decoder(
+            ch=pd["ch"],
+            ch_mult=tuple(pd["ch_mult"]),
+            num_res_blocks=pd["num_res_blocks"],
+            z_channels=pd["z_channels"],
+            attn_at_coarsest_level=pd.get("attn_at_coarsest_level", True),
+            dtype=dtype,
+            rngs=rngs,
+        )
 
     # -- properties ------------------------------------------------------------------------------------------
     @property
@@ -376,8 +510,15 @@ class TokenFlow(nnx.Module):
             inter.update({f"pix_enc_{k}": v for k, v in einter.items()})
         return h, inter
 
-    def encode(self, images: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None,
-               return_intermediates: bool = False, log_distance_norms: bool = False) -> tuple[jax.Array, dict]:
+    def encode(
+        self,
+        images: jax.Array,
+        *,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+        return_intermediates: bool = False,
+        log_distance_norms: bool = False,
+    ) -> tuple[jax.Array, dict]:
         """images -> (final_quantize [b, F, F, 40], aux) with the quantizer's aux (indices, losses, usage)."""
         key = None
         if not deterministic and self.quantize.scale_drop_prob > 0:
@@ -385,8 +526,13 @@ class TokenFlow(nnx.Module):
                 raise ValueError("TokenFlow.encode(deterministic=False) with scale drop needs rngs")
             key = rngs.dropout()
         h, inter = self.encode_features(images, return_intermediates=return_intermediates)
-        f, qaux = self.quantize(h, deterministic=deterministic, key=key, return_intermediates=return_intermediates,
-                            log_distance_norms=log_distance_norms)
+        f, qaux = self.quantize(
+            h,
+            deterministic=deterministic,
+            key=key,
+            return_intermediates=return_intermediates,
+            log_distance_norms=log_distance_norms,
+        )
         qaux.update(inter)
         return f, qaux
 
@@ -394,7 +540,9 @@ class TokenFlow(nnx.Module):
     def decode_semantic(self, quant_sem: jax.Array) -> tuple[jax.Array, dict]:
         tokens, daux = self.decoder_vqkd(quant_sem, interpolate=bool(self.cfg["infer_interpolate"]))
         return self.decode_task_layer(tokens).astype(jnp.float32), {
-            "sem_dec_tokens": tokens, "sem_dec_pos_embed_used": daux["pos_embed_used"]}
+            "sem_dec_tokens": tokens,
+            "sem_dec_pos_embed_used": daux["pos_embed_used"],
+        }
 
     def decode_pixel(self, quant_pix: jax.Array) -> tuple[jax.Array, dict]:
         post = self.post_quant_conv(quant_pix.astype(self.dtype))
@@ -414,8 +562,15 @@ class TokenFlow(nnx.Module):
         return sem_rec, pix_rec, saux
 
     # -- full forward ----------------------------------------------------------------------------------------
-    def __call__(self, images: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None,
-                 return_intermediates: bool = False, log_distance_norms: bool = False) -> tuple[jax.Array, dict]:
+    def __call__(
+        self,
+        images: jax.Array,
+        *,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+        return_intermediates: bool = False,
+        log_distance_norms: bool = False,
+    ) -> tuple[jax.Array, dict]:
         """images [b, H, W, 3] -> (pix_rec [b, H, W, 3] (not clipped), aux).
 
         aux: 'indices' [b, total_tokens], 'indices_per_scale', 'vq_loss', 'commit_loss', 'entropy_loss',
@@ -423,8 +578,13 @@ class TokenFlow(nnx.Module):
         'final_quantize' [b, F, F, 40], 'quant_sem', 'quant_pix', 'decoder_last_input', 'post_quant',
         plus intermediates when asked.
         """
-        f, aux = self.encode(images, deterministic=deterministic, rngs=rngs,
-                             return_intermediates=return_intermediates, log_distance_norms=log_distance_norms)
+        f, aux = self.encode(
+            images,
+            deterministic=deterministic,
+            rngs=rngs,
+            return_intermediates=return_intermediates,
+            log_distance_norms=log_distance_norms,
+        )
         sem_rec, pix_rec, daux = self.decode(f)
         d = self.semantic_dim
         aux.update(final_quantize=f, quant_sem=f[..., :d], quant_pix=f[..., d:], sem_rec=sem_rec)
@@ -519,6 +679,7 @@ def random_tokenflow(cfg: Mapping[str, Any] | str, seed: int = 0) -> TokenFlow:
 # ---------------------------------------------------------------------------------------------------------------
 # Frozen teacher
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class Teacher(nnx.Module):
     """Frozen semantic teacher: CLIP ViT (`ln_post(x)[:, 1:] @ proj`, CLIP mean/std input), SigLIP

@@ -9,6 +9,7 @@ returns the reconstruction and an aux dict carrying everything a loss or eval ne
 Config schema = the `model_config` block of tests/fixtures/unitok_tiny.json plus optional extras
 (dtype, drop_path_rate, remat, scan_blocks); `model_config(name)` gives the released presets.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,48 +38,129 @@ EXTRA_DEFAULTS = {"dtype": "float32", "drop_path_rate": 0.0, "remat": "none", "s
 
 QUANTIZERS = {"mcq": MultiCodebookQuantizer, "rq": ResidualQuantizer.from_mcq_args}
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------------------------
-def _preset(*, image_size, stem, stages, vit_width, vit_depth, vit_heads, k, K, d, quant_heads, channel_table,
-            embed_dim, text):
+def _preset(
+    *, image_size, stem, stages, vit_width, vit_depth, vit_heads, k, K, d, quant_heads, channel_table, embed_dim, text
+):
     return {
         "image_size": image_size,
         "encoder": {
-            "stem_width": stem, "stage_widths": list(stages), "stage_depths": [2, 4], "mbconv_expand_ratio": 4,
-            "vit_width": vit_width, "vit_depth": vit_depth, "vit_heads": vit_heads, "mlp": "geglu", "mlp_ratio": 2,
+            "stem_width": stem,
+            "stage_widths": list(stages),
+            "stage_depths": [2, 4],
+            "mbconv_expand_ratio": 4,
+            "vit_width": vit_width,
+            "vit_depth": vit_depth,
+            "vit_heads": vit_heads,
+            "mlp": "geglu",
+            "mlp_ratio": 2,
             "pos_embed": "none",
         },
-        "quant_proj": {"in_dim": vit_width, "out_dim": k * d, "heads": quant_heads, "head_reduction": "mean",
-                       "causal": False},
-        "quantizer": {"type": "mcq", "num_codebooks": k, "codebook_size": K, "codebook_dim": d, "beta": 0.25,
-                      "l2_norm": True},
-        "post_quant_proj": {"in_dim": k * d, "out_dim": vit_width, "heads": quant_heads, "head_reduction": "concat",
-                            "causal": False},
-        "decoder": {"vit_width": vit_width, "vit_depth": vit_depth, "vit_heads": vit_heads,
-                    "channel_table": list(channel_table), "inv_mbconv_depths": [4, 2], "mbconv_expand_ratio": 4},
+        "quant_proj": {
+            "in_dim": vit_width,
+            "out_dim": k * d,
+            "heads": quant_heads,
+            "head_reduction": "mean",
+            "causal": False,
+        },
+        "quantizer": {
+            "type": "mcq",
+            "num_codebooks": k,
+            "codebook_size": K,
+            "codebook_dim": d,
+            "beta": 0.25,
+            "l2_norm": True,
+        },
+        "post_quant_proj": {
+            "in_dim": k * d,
+            "out_dim": vit_width,
+            "heads": quant_heads,
+            "head_reduction": "concat",
+            "causal": False,
+        },
+        "decoder": {
+            "vit_width": vit_width,
+            "vit_depth": vit_depth,
+            "vit_heads": vit_heads,
+            "channel_table": list(channel_table),
+            "inv_mbconv_depths": [4, 2],
+            "mbconv_expand_ratio": 4,
+        },
         "clip": {"embed_dim": embed_dim, "logit_scale_max": math.log(100.0)},
         "text": text,
     }
 
 
-_OPENCLIP_TEXT = {"width": 768, "layers": 12, "heads": 12, "context_length": 77, "vocab_size": 49408,
-                  "causal": True, "pool": "argmax_eot"}
+_OPENCLIP_TEXT = {
+    "width": 768,
+    "layers": 12,
+    "heads": 12,
+    "context_length": 77,
+    "vocab_size": 49408,
+    "causal": True,
+    "pool": "argmax_eot",
+}
 
 PRESETS: dict[str, dict] = {
     # Paper / released checkpoint: 820,298,692 parameters incl. the frozen zero encoder pos_embed.
-    "vitamin_large": _preset(image_size=256, stem=160, stages=(160, 320), vit_width=1024, vit_depth=31, vit_heads=16,
-                             k=8, K=4096, d=8, quant_heads=16, channel_table=(1024, 320, 160), embed_dim=768,
-                             text=_OPENCLIP_TEXT),
+    "vitamin_large": _preset(
+        image_size=256,
+        stem=160,
+        stages=(160, 320),
+        vit_width=1024,
+        vit_depth=31,
+        vit_heads=16,
+        k=8,
+        K=4096,
+        d=8,
+        quant_heads=16,
+        channel_table=(1024, 320, 160),
+        embed_dim=768,
+        text=_OPENCLIP_TEXT,
+    ),
     # Smaller variant present in the official code (317,502,660 parameters); not used for released results.
-    "vitamin_base": _preset(image_size=256, stem=128, stages=(128, 256), vit_width=768, vit_depth=14, vit_heads=12,
-                            k=8, K=4096, d=8, quant_heads=12, channel_table=(768, 256, 128), embed_dim=768,
-                            text=_OPENCLIP_TEXT),
+    "vitamin_base": _preset(
+        image_size=256,
+        stem=128,
+        stages=(128, 256),
+        vit_width=768,
+        vit_depth=14,
+        vit_heads=12,
+        k=8,
+        K=4096,
+        d=8,
+        quant_heads=12,
+        channel_table=(768, 256, 128),
+        embed_dim=768,
+        text=_OPENCLIP_TEXT,
+    ),
     # = tests/fixtures/unitok_tiny.json `model_config` (CI size).
-    "tiny": _preset(image_size=64, stem=32, stages=(32, 64), vit_width=128, vit_depth=2, vit_heads=4,
-                    k=4, K=64, d=4, quant_heads=8, channel_table=(128, 64, 32), embed_dim=32,
-                    text={"width": 64, "layers": 2, "heads": 4, "context_length": 77, "vocab_size": 49408,
-                          "causal": True, "pool": "argmax_eot"}),
+    "tiny": _preset(
+        image_size=64,
+        stem=32,
+        stages=(32, 64),
+        vit_width=128,
+        vit_depth=2,
+        vit_heads=4,
+        k=4,
+        K=64,
+        d=4,
+        quant_heads=8,
+        channel_table=(128, 64, 32),
+        embed_dim=32,
+        text={
+            "width": 64,
+            "layers": 2,
+            "heads": 4,
+            "context_length": 77,
+            "vocab_size": 49408,
+            "causal": True,
+            "pool": "argmax_eot",
+        },
+    ),
 }
 
 
@@ -117,15 +199,41 @@ def normalize_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_c
 
 # Every accepted field (optional ones included); anything else is reported as a likely typo.
 SCHEMA = {
-    "": {"image_size", "encoder", "quant_proj", "quantizer", "post_quant_proj", "decoder", "clip", "text",
-         *EXTRA_DEFAULTS},
-    "encoder": {"stem_width", "stage_widths", "stage_depths", "mbconv_expand_ratio", "vit_width", "vit_depth",
-                "vit_heads", "mlp", "mlp_ratio", "pos_embed"},
+    "": {
+        "image_size",
+        "encoder",
+        "quant_proj",
+        "quantizer",
+        "post_quant_proj",
+        "decoder",
+        "clip",
+        "text",
+        *EXTRA_DEFAULTS,
+    },
+    "encoder": {
+        "stem_width",
+        "stage_widths",
+        "stage_depths",
+        "mbconv_expand_ratio",
+        "vit_width",
+        "vit_depth",
+        "vit_heads",
+        "mlp",
+        "mlp_ratio",
+        "pos_embed",
+    },
     "quant_proj": {"in_dim", "out_dim", "heads", "head_reduction", "causal"},
     "post_quant_proj": {"in_dim", "out_dim", "heads", "head_reduction", "causal"},
     "quantizer": {"type", "num_codebooks", "codebook_size", "codebook_dim", "beta", "l2_norm"},
-    "decoder": {"vit_width", "vit_depth", "vit_heads", "channel_table", "inv_mbconv_depths", "mbconv_expand_ratio",
-                "mlp_ratio"},
+    "decoder": {
+        "vit_width",
+        "vit_depth",
+        "vit_heads",
+        "channel_table",
+        "inv_mbconv_depths",
+        "mbconv_expand_ratio",
+        "mlp_ratio",
+    },
     "clip": {"embed_dim", "logit_scale_max"},
     "text": {"width", "layers", "heads", "context_length", "vocab_size", "causal", "pool", "mlp_ratio"},
 }
@@ -160,9 +268,20 @@ def validate_config(cfg) -> None:
 
     _check_fields(cfg)
 
-    for path in ("image_size", "encoder.stem_width", "encoder.vit_width", "encoder.vit_depth", "encoder.vit_heads",
-                 "quantizer.num_codebooks", "quantizer.codebook_size", "quantizer.codebook_dim",
-                 "decoder.vit_width", "decoder.vit_depth", "decoder.vit_heads", "clip.embed_dim"):
+    for path in (
+        "image_size",
+        "encoder.stem_width",
+        "encoder.vit_width",
+        "encoder.vit_depth",
+        "encoder.vit_heads",
+        "quantizer.num_codebooks",
+        "quantizer.codebook_size",
+        "quantizer.codebook_dim",
+        "decoder.vit_width",
+        "decoder.vit_depth",
+        "decoder.vit_heads",
+        "clip.embed_dim",
+    ):
         v = _req(cfg, path)
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if path.endswith("depth") else 1):
             fail(f"{path} must be a positive integer, got {v!r}")
@@ -172,7 +291,9 @@ def validate_config(cfg) -> None:
         fail(f"image_size={cfg.image_size} must be divisible by 16 (total downsampling)")
     enc = cfg.encoder
     if len(_req(cfg, "encoder.stage_widths")) != 2 or len(_req(cfg, "encoder.stage_depths")) != 2:
-        fail("encoder.stage_widths and encoder.stage_depths must have 2 entries (16x downsampling, matching the decoder)")
+        fail(
+            "encoder.stage_widths and encoder.stage_depths must have 2 entries (16x downsampling, matching the decoder)"
+        )
     if any(d < 1 for d in enc.stage_depths):
         fail(f"encoder.stage_depths must be >= 1, got {list(enc.stage_depths)}")
     if enc.vit_width % enc.vit_heads:
@@ -186,8 +307,10 @@ def validate_config(cfg) -> None:
     if qp.in_dim != enc.vit_width:
         fail(f"quant_proj.in_dim={qp.in_dim} must equal encoder.vit_width={enc.vit_width}")
     if qp.out_dim != latent:
-        fail(f"quantizer.num_codebooks*codebook_dim={q.num_codebooks}*{q.codebook_dim}={latent} "
-             f"!= quant_proj.out_dim={qp.out_dim}")
+        fail(
+            f"quantizer.num_codebooks*codebook_dim={q.num_codebooks}*{q.codebook_dim}={latent} "
+            f"!= quant_proj.out_dim={qp.out_dim}"
+        )
     check_attn_projection(qp.in_dim, qp.out_dim, qp.heads, qp.get("head_reduction", "mean"), "quant_proj")
     if pq.in_dim != latent:
         fail(f"post_quant_proj.in_dim={pq.in_dim} must equal num_codebooks*codebook_dim={latent}")
@@ -245,27 +368,58 @@ class UniTok(nnx.Module):
         self.encoder = ViTaminEncoder(cfg.encoder, drop_path_rate=cfg.drop_path_rate, rngs=rngs, **kw)
         qp, q, pq = cfg.quant_proj, cfg.quantizer, cfg.post_quant_proj
         # float32 + HIGHEST: the official code runs this region with autocast disabled.
-        self.quant_proj = AttnProjection(qp.in_dim, qp.out_dim, qp.heads, head_reduction=qp.get("head_reduction", "mean"),
-                                         causal=bool(qp.get("causal", False)), dtype=jnp.float32, precision=HIGHEST,
-                                         rngs=rngs)
+        self.quant_proj = AttnProjection(
+            qp.in_dim,
+            qp.out_dim,
+            qp.heads,
+            head_reduction=qp.get("head_reduction", "mean"),
+            causal=bool(qp.get("causal", False)),
+            dtype=jnp.float32,
+            precision=HIGHEST,
+            rngs=rngs,
+        )
         # 'mcq' (the paper) or 'rq' (the paper's ablation baseline: num_codebooks residual stages over the whole
         # num_codebooks*codebook_dim latent, same code width and number of codes); both share one call surface.
-        self.quantizer = QUANTIZERS[q.get("type", "mcq")](q.num_codebooks, q.codebook_size, q.codebook_dim,
-                                                           beta=q.get("beta", 0.25), l2_norm=q.get("l2_norm", True),
-                                                           rngs=rngs)
-        self.post_quant_proj = AttnProjection(pq.in_dim, pq.out_dim, pq.heads,
-                                              head_reduction=pq.get("head_reduction", "concat"),
-                                              causal=bool(pq.get("causal", False)), dtype=jnp.float32,
-                                              precision=HIGHEST, rngs=rngs)
-        self.decoder = PixelDecoder(cfg.decoder, mlp_ratio=cfg.decoder.get("mlp_ratio", cfg.encoder.mlp_ratio),
-                                    drop_path_rate=cfg.drop_path_rate, rngs=rngs, **kw)
+        self.quantizer = QUANTIZERS[q.get("type", "mcq")](
+            q.num_codebooks,
+            q.codebook_size,
+            q.codebook_dim,
+            beta=q.get("beta", 0.25),
+            l2_norm=q.get("l2_norm", True),
+            rngs=rngs,
+        )
+        self.post_quant_proj = AttnProjection(
+            pq.in_dim,
+            pq.out_dim,
+            pq.heads,
+            head_reduction=pq.get("head_reduction", "concat"),
+            causal=bool(pq.get("causal", False)),
+            dtype=jnp.float32,
+            precision=HIGHEST,
+            rngs=rngs,
+        )
+        self.decoder = PixelDecoder(
+            cfg.decoder,
+            mlp_ratio=cfg.decoder.get("mlp_ratio", cfg.encoder.mlp_ratio),
+            drop_path_rate=cfg.drop_path_rate,
+            rngs=rngs,
+            **kw,
+        )
         width, embed = cfg.post_quant_proj.out_dim, cfg.clip.embed_dim
         self.fc_norm = L.layer_norm(width, 1e-6, dtype=dtype, rngs=rngs)
-        self.projection = L.dense(width, embed, axes=(ax.EMBED, None), dtype=dtype, kernel_init=torch_default_uniform(width),
-                                  bias_init=torch_default_uniform(width), rngs=rngs)
+        self.projection = L.dense(
+            width,
+            embed,
+            axes=(ax.EMBED, None),
+            dtype=dtype,
+            kernel_init=torch_default_uniform(width),
+            bias_init=torch_default_uniform(width),
+            rngs=rngs,
+        )
         self.text_encoder = (
             TextTransformer(cfg.text, embed, dtype=dtype, remat=cfg.remat, scan_blocks=bool(cfg.scan_blocks), rngs=rngs)
-            if cfg.text is not None else None
+            if cfg.text is not None
+            else None
         )
         init_scale = L.partitioned(lambda key, shape, dt: jnp.full(shape, math.log(1 / 0.07), dt), ())
         self.logit_scale = nnx.Param(init_scale(rngs.params(), (), jnp.float32))
@@ -283,8 +437,9 @@ class UniTok(nnx.Module):
 
     def encode_tokens(self, images, *, deterministic=True, rngs=None, return_intermediates=False):
         """images → (encoder tokens float32 (b, n, d), grid (h, w), intermediates)."""
-        tokens, grid, inter = self.encoder(images, deterministic=deterministic, rngs=self._rngs(rngs),
-                                           return_intermediates=return_intermediates)
+        tokens, grid, inter = self.encoder(
+            images, deterministic=deterministic, rngs=self._rngs(rngs), return_intermediates=return_intermediates
+        )
         return tokens.astype(jnp.float32), grid, inter
 
     def clip_image_head(self, post_quant, *, return_intermediates=False):
@@ -314,8 +469,15 @@ class UniTok(nnx.Module):
         return img_feats, L.l2_normalize(raw, axis=-1), self.get_logit_scale()
 
     # -- training forward ----------------------------------------------------------------------------------------
-    def __call__(self, images, text_ids=None, *, deterministic: bool = True, rngs: nnx.Rngs | None = None,
-                 return_intermediates: bool = False):
+    def __call__(
+        self,
+        images,
+        text_ids=None,
+        *,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+        return_intermediates: bool = False,
+    ):
         """images (b, H, W, 3) [, text_ids (b, t)] → (rec (b, H, W, 3) float32 unclamped, aux dict).
 
         aux: indices (b,k,n) int32, vq_loss, codebook_counts (k,K), codebook_usage (k,) fraction,
@@ -324,13 +486,15 @@ class UniTok(nnx.Module):
         with return_intermediates also 'intermediates' (fixture-named activations, NHWC maps).
         """
         rngs = self._rngs(rngs)
-        tokens, grid, enc_inter = self.encode_tokens(images, deterministic=deterministic, rngs=rngs,
-                                                     return_intermediates=return_intermediates)
+        tokens, grid, enc_inter = self.encode_tokens(
+            images, deterministic=deterministic, rngs=rngs, return_intermediates=return_intermediates
+        )
         z, qp_inter = self.quant_proj(tokens, return_intermediates=True)
         quant, qaux = self.quantizer(z)
         post, pq_inter = self.post_quant_proj(quant, return_intermediates=True)
-        rec, last_input, dec_inter = self.decoder(post, grid, deterministic=deterministic, rngs=rngs,
-                                                  return_intermediates=return_intermediates)
+        rec, last_input, dec_inter = self.decoder(
+            post, grid, deterministic=deterministic, rngs=rngs, return_intermediates=return_intermediates
+        )
         img_feats, head_inter = self.clip_image_head(post, return_intermediates=True)
         txt_feats, txt_inter = None, None
         if text_ids is not None:
@@ -356,14 +520,24 @@ class UniTok(nnx.Module):
         }
         if return_intermediates:
             inter = dict(enc_inter)
-            inter.update({
-                "quant_proj_shortcut": qp_inter["shortcut"], "quant_proj_attn": qp_inter["attn"], "z": z,
-                "z_normalized": qaux["z_normalized"], "indices": qaux["indices"], "quant": quant,
-                "quant_lookup": qaux["quant_lookup"], "vq_loss": qaux["loss"],
-                "codebook_usage_pct": 100.0 * jnp.mean(qaux["usage"]),
-                "post_quant_proj_shortcut": pq_inter["shortcut"], "post_quant_proj_attn": pq_inter["attn"],
-                "post_quant": post, "clip_image_features": img_feats, "logit_scale_exp": aux["logit_scale"],
-            })
+            inter.update(
+                {
+                    "quant_proj_shortcut": qp_inter["shortcut"],
+                    "quant_proj_attn": qp_inter["attn"],
+                    "z": z,
+                    "z_normalized": qaux["z_normalized"],
+                    "indices": qaux["indices"],
+                    "quant": quant,
+                    "quant_lookup": qaux["quant_lookup"],
+                    "vq_loss": qaux["loss"],
+                    "codebook_usage_pct": 100.0 * jnp.mean(qaux["usage"]),
+                    "post_quant_proj_shortcut": pq_inter["shortcut"],
+                    "post_quant_proj_attn": pq_inter["attn"],
+                    "post_quant": post,
+                    "clip_image_features": img_feats,
+                    "logit_scale_exp": aux["logit_scale"],
+                }
+            )
             inter.update(dec_inter)
             inter.update(head_inter)
             if txt_inter is not None:

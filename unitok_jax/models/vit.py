@@ -5,6 +5,7 @@ the ViTamin GeGLU MLP (its own inner LayerNorm, tanh-GELU on w0 only), and `Bloc
 blocks either as a Python loop or as one `nnx.scan` over vmap-stacked parameters, with optional remat and linearly
 increasing stochastic depth. What is not here: positional embeddings (UniTok's ViTs have none).
 """
+
 from __future__ import annotations
 
 from typing import Callable

@@ -4,6 +4,7 @@ Input NHWC images, output row-major tokens (b, h·w, d) with a 16× downsampling
 strided conv 2×). No positional embedding (the official all-zero frozen `pos_embed` is dropped by the converter),
 no class/register tokens. Every 3×3 conv pads symmetrically by 1, also at stride 2 (PyTorch semantics).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,9 @@ def timm_conv_init(groups: int = 1):
 
 
 def _conv(cin, cout, k, *, rngs, stride=1, groups=1, dtype=jnp.float32):
-    return L.conv2d(cin, cout, k, stride=stride, groups=groups, dtype=dtype, kernel_init=timm_conv_init(groups), rngs=rngs)
+    return L.conv2d(
+        cin, cout, k, stride=stride, groups=groups, dtype=dtype, kernel_init=timm_conv_init(groups), rngs=rngs
+    )
 
 
 class Stem(nnx.Module):
@@ -126,7 +129,9 @@ class ViTaminEncoder(nnx.Module):
         )
         # timm builds ViTamin with global_pool='avg' as `norm = Identity` (its LayerNorm is `fc_norm`, after
         # pooling): TokenFlow's vitamin_xlarge_256 student/teacher therefore end without a norm (`final_norm=False`).
-        self.norm = L.layer_norm(cfg.vit_width, 1e-6, dtype=dtype, rngs=rngs) if getattr(cfg, "final_norm", True) else None
+        self.norm = (
+            L.layer_norm(cfg.vit_width, 1e-6, dtype=dtype, rngs=rngs) if getattr(cfg, "final_norm", True) else None
+        )
 
     def __call__(self, images, *, deterministic: bool = True, rngs: nnx.Rngs | None = None, return_intermediates=False):
         """images (b, H, W, 3) → (tokens (b, H/16·W/16, d), (H/16, W/16), intermediates dict or None)."""

@@ -12,6 +12,7 @@ This module only adapts the encoder to the semantic-encoder interface that `CLIP
 No TokenFlow ViTamin checkpoint was released, so this path is verified on random weights (shapes, key map and a
 training step) rather than against official outputs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,8 +39,8 @@ class ViTaminSemanticConfig:
     vit_depth: int = 32
     vit_heads: int = 16
     mlp_ratio: float = 2.0
-    final_norm: bool = False           # timm global_pool='avg': `norm` is Identity
-    remat: str = "none"                # remat policy of the MbConv blocks and ViT stack (models/vit.REMAT_POLICIES)
+    final_norm: bool = False  # timm global_pool='avg': `norm` is Identity
+    remat: str = "none"  # remat policy of the MbConv blocks and ViT stack (models/vit.REMAT_POLICIES)
 
     @property
     def width(self) -> int:
@@ -61,11 +62,14 @@ class ViTaminSemanticConfig:
                 d[key] = tuple(d[key])
         cfg = cls(**d)
         if len(cfg.stage_widths) != len(cfg.stage_depths) or len(cfg.stage_widths) != 2:
-            raise ValueError("ViTamin semantic encoder: stage_widths and stage_depths must both have 2 entries "
-                             f"(16x downsampling), got {cfg.stage_widths} and {cfg.stage_depths}")
+            raise ValueError(
+                "ViTamin semantic encoder: stage_widths and stage_depths must both have 2 entries "
+                f"(16x downsampling), got {cfg.stage_widths} and {cfg.stage_depths}"
+            )
         if cfg.vit_width % cfg.vit_heads:
-            raise ValueError(f"ViTamin semantic encoder: vit_width {cfg.vit_width} is not divisible by "
-                             f"vit_heads {cfg.vit_heads}")
+            raise ValueError(
+                f"ViTamin semantic encoder: vit_width {cfg.vit_width} is not divisible by vit_heads {cfg.vit_heads}"
+            )
         return cfg
 
 

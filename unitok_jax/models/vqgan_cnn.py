@@ -6,6 +6,7 @@ zero-pad right/bottom by 1 then 3x3 stride-2 VALID conv, Upsample = nearest x2 t
 mirror the PyTorch state-dict (`conv_blocks[l].res[j]`, `mid[i]`, ...) so the converter is mechanical.
 The 1x1 quant_conv / post_quant_conv live in the composite (`tokenflow.py`), not here.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -147,11 +148,13 @@ class Encoder(nnx.Module):
             down = Downsample(block_in, dtype=dtype, rngs=rngs) if i != n - 1 else None
             levels.append(_Level(res, attn, downsample=down))
         self.conv_blocks = nnx.List(levels)
-        self.mid = nnx.List([
-            ResnetBlock(block_in, block_in, dtype=dtype, rngs=rngs),
-            AttnBlock(block_in, dtype=dtype, rngs=rngs),
-            ResnetBlock(block_in, block_in, dtype=dtype, rngs=rngs),
-        ])
+        self.mid = nnx.List(
+            [
+                ResnetBlock(block_in, block_in, dtype=dtype, rngs=rngs),
+                AttnBlock(block_in, dtype=dtype, rngs=rngs),
+                ResnetBlock(block_in, block_in, dtype=dtype, rngs=rngs),
+            ]
+        )
         self.norm_out = group_norm(block_in, dtype=dtype, rngs=rngs)
         self.conv_out = _conv(block_in, z_channels, 3, dtype=dtype, rngs=rngs)
         self.dtype = dtype
@@ -195,11 +198,13 @@ class Decoder(nnx.Module):
         n = len(ch_mult)
         block_in = ch * ch_mult[n - 1]
         self.conv_in = _conv(z_channels, block_in, 3, dtype=dtype, rngs=rngs)
-        self.mid = nnx.List([
-            ResnetBlock(block_in, block_in, dtype=dtype, rngs=rngs),
-            AttnBlock(block_in, dtype=dtype, rngs=rngs),
-            ResnetBlock(block_in, block_in, dtype=dtype, rngs=rngs),
-        ])
+        self.mid = nnx.List(
+            [
+                ResnetBlock(block_in, block_in, dtype=dtype, rngs=rngs),
+                AttnBlock(block_in, dtype=dtype, rngs=rngs),
+                ResnetBlock(block_in, block_in, dtype=dtype, rngs=rngs),
+            ]
+        )
         levels = []
         for i in range(n):
             block_out = ch * ch_mult[n - i - 1]

@@ -4,6 +4,7 @@ Models name logical axes (`logical_axes.py`); the config's `mesh.rules` maps eac
 (data, fsdp, tensor). A dimension is sharded only when the mesh axis size divides it, and each mesh axis
 is used at most once per array (first matching dimension wins), so any rule set yields valid shardings.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -52,7 +53,9 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, i
             raise ValueError(f"config.mesh: {num_devices} devices are not divisible by the fixed axes product {known}")
         sizes[sizes.index(-1)] = num_devices // known
     if int(np.prod(sizes)) != num_devices:
-        raise ValueError(f"config.mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are {num_devices} devices; use -1 for one axis")
+        raise ValueError(
+            f"config.mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are {num_devices} devices; use -1 for one axis"
+        )
     return tuple(sizes)  # type: ignore[return-value]
 
 
@@ -80,7 +83,9 @@ def resolve_rules(rules: Any) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> P:
+def logical_to_mesh_spec(
+    logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules: Mapping[str, tuple[str, ...]]
+) -> P:
     """Map one array's logical axes to a PartitionSpec, skipping mesh axes that do not divide the dim."""
     if not logical:
         return P()
@@ -109,7 +114,9 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Mapping[str, t
     specs = _logical_specs(abstract_state)
 
     def to_sharding(spec, leaf):
-        return NamedSharding(mesh, logical_to_mesh_spec(tuple(spec) if spec is not None else None, leaf.shape, mesh, rules))
+        return NamedSharding(
+            mesh, logical_to_mesh_spec(tuple(spec) if spec is not None else None, leaf.shape, mesh, rules)
+        )
 
     return jax.tree.map(to_sharding, specs, abstract_state, is_leaf=lambda x: isinstance(x, P))
 
@@ -148,7 +155,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def replicated_fraction(params, shardings) -> float:
     """Fraction of parameter bytes that are fully replicated (used by the FSDP coverage test)."""
     total = rep = 0
-    for leaf, sh in zip(jax.tree.leaves(params), jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
+    for leaf, sh in zip(
+        jax.tree.leaves(params), jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    ):
         nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
         total += nbytes
         if all(s is None for s in sh.spec):

@@ -4,6 +4,7 @@ Used by benchmarks/aot_memory.py (per-device memory of the paper config on a fak
 (compile time) and tests/test_flops.py (XLA's FLOP count). Pretrained frozen weights (LPIPS) are replaced by their
 abstract shapes when no file is configured: only shapes matter for compilation.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -83,10 +84,20 @@ def memory_summary(compiled) -> dict[str, float]:
     """Per-device GiB from `compiled.memory_analysis()`; donated state makes outputs alias arguments, so the
     peak is about argument + temp + (output - alias)."""
     m = compiled.memory_analysis()
-    arg, out, temp, alias = (m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes,
-                             m.alias_size_in_bytes)
-    return {"argument": arg / GiB, "output": out / GiB, "temp": temp / GiB, "alias": alias / GiB,
-            "code": m.generated_code_size_in_bytes / GiB, "total": (arg + out - alias + temp) / GiB}
+    arg, out, temp, alias = (
+        m.argument_size_in_bytes,
+        m.output_size_in_bytes,
+        m.temp_size_in_bytes,
+        m.alias_size_in_bytes,
+    )
+    return {
+        "argument": arg / GiB,
+        "output": out / GiB,
+        "temp": temp / GiB,
+        "alias": alias / GiB,
+        "code": m.generated_code_size_in_bytes / GiB,
+        "total": (arg + out - alias + temp) / GiB,
+    }
 
 
 def xla_flops(compiled) -> float:

@@ -20,6 +20,7 @@ committed step, from `save` (directories are created synchronously, so a read-on
 leaving the main thread waiting on Orbax's background signal for 20 minutes) or from `wait`/`close` (the async
 write of the array files failed). Directories may be local or object-store URLs (`gs://`, see `unitok_jax.paths`).
 """
+
 from __future__ import annotations
 
 import os
@@ -76,8 +77,9 @@ def configure_array_saving() -> None:
     multi_host = jax.process_count() > 1
     if _ARRAY_SAVING_MULTI_HOST == multi_host:  # registered already (re-registering logs a warning each time)
         return
-    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=multi_host,
-                                            min_slice_bytes_for_replica_parallel=2**20 if multi_host else None)
+    handler = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=multi_host, min_slice_bytes_for_replica_parallel=2**20 if multi_host else None
+    )
     # Orbax warns on every override ("overriding jax.Array"); this one is deliberate, so say so at INFO instead.
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)
@@ -85,7 +87,9 @@ def configure_array_saving() -> None:
         ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
     finally:
         logging.set_verbosity(verbosity)
-    logging.info("checkpoints: replica-parallel array saving %s", "on (>= 1 MiB slices)" if multi_host else "off (one process)")
+    logging.info(
+        "checkpoints: replica-parallel array saving %s", "on (>= 1 MiB slices)" if multi_host else "off (one process)"
+    )
     _ARRAY_SAVING_MULTI_HOST = multi_host
 
 
@@ -95,8 +99,15 @@ _ARRAY_SAVING_MULTI_HOST: bool | None = None
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` with items 'state', 'data' (Grain iterator) and 'config'."""
 
-    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False,
-                 timeout_secs: int = 1200):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        max_to_keep: int = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+        timeout_secs: int = 1200,
+    ):
         """`read_only`: another run's directory (`resume_from`): nothing there is cleaned up, moved or written.
         `timeout_secs`: how long hosts wait for each other to finish an async save before it counts as failed."""
         self.directory = paths.resolve(directory)
@@ -106,12 +117,16 @@ class Checkpointer:
         # create_directories_asynchronously=False: Orbax's default creates the step directory in a background
         # thread, and when that fails (read-only file system) the main thread waits for its signal until the
         # timeout (measured: a hang of >= 4 min at the first save). Synchronously, `save` raises at once.
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                               create=not read_only, read_only=read_only,
-                                               cleanup_tmp_directories=not read_only,
-                                               async_options=ocp.options.AsyncOptions(
-                                                   timeout_secs=int(timeout_secs),
-                                                   create_directories_asynchronously=False))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
+            async_options=ocp.options.AsyncOptions(
+                timeout_secs=int(timeout_secs), create_directories_asynchronously=False
+            ),
+        )
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
@@ -129,8 +144,16 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iterator=None, config: dict | None = None, *, force: bool = False,
-             data_position: dict | None = None) -> bool:
+    def save(
+        self,
+        step: int,
+        state,
+        data_iterator=None,
+        config: dict | None = None,
+        *,
+        force: bool = False,
+        data_position: dict | None = None,
+    ) -> bool:
         """Starts saving `step` (async by default). `data_position`: the topology-free data position (see
         `trainer._data_position`), stored as its own JSON item so a run can resume on another process count."""
         items = {"state": ocp.args.StandardSave(state)}
@@ -150,10 +173,16 @@ class Checkpointer:
             committed = [s for s in self.step_dirs() if self.is_committed(s)]
         except Exception:  # noqa: BLE001 — the directory may be unreadable too
             committed = []
-        newest = (f"the newest committed checkpoint is step {committed[-1]} in {self.directory}; rerun after fixing "
-                  f"the cause to resume from it" if committed else f"no checkpoint has been committed in {self.directory} yet")
-        return CheckpointSaveError(f"{what} failed ({type(e).__name__}: {_short(e)}). Check that the directory is "
-                                   f"writable and has free space; {newest}.")
+        newest = (
+            f"the newest committed checkpoint is step {committed[-1]} in {self.directory}; rerun after fixing "
+            f"the cause to resume from it"
+            if committed
+            else f"no checkpoint has been committed in {self.directory} yet"
+        )
+        return CheckpointSaveError(
+            f"{what} failed ({type(e).__name__}: {_short(e)}). Check that the directory is "
+            f"writable and has free space; {newest}."
+        )
 
     def restore(self, step: int, abstract_state, data_iterator=None):
         """The state at `step`; `data_iterator` is put at the saved data position.
@@ -170,8 +199,10 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         if elastic:
             if not (paths.path(self.directory) / str(step) / "data_position").exists():
-                raise RestoreError(f"step {step} was saved by {saved_processes} process(es) and has no data_position "
-                                   f"item (written by an older version), so it cannot resume on {jax.process_count()}")
+                raise RestoreError(
+                    f"step {step} was saved by {saved_processes} process(es) and has no data_position "
+                    f"item (written by an older version), so it cannot resume on {jax.process_count()}"
+                )
             items["data_position"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         if elastic:
@@ -179,9 +210,14 @@ class Checkpointer:
 
             position = dict(restored["data_position"])
             pipeline.restore_global_position(data_iterator, position)
-            logging.warning("step %d was saved by %d process(es); this run has %d: params and optimizer state were "
-                            "resharded and the data stream continues at global example %d", step, saved_processes,
-                            jax.process_count(), int(position["next_global_index"]))
+            logging.warning(
+                "step %d was saved by %d process(es); this run has %d: params and optimizer state were "
+                "resharded and the data stream continues at global example %d",
+                step,
+                saved_processes,
+                jax.process_count(),
+                int(position["next_global_index"]),
+            )
         return restored["state"]
 
     def saved_process_count(self, step: int) -> int | None:
@@ -201,7 +237,9 @@ class Checkpointer:
     def is_committed(self, step: int) -> bool:
         return (epath.Path(self.directory) / str(step) / COMMIT_MARKER).exists()
 
-    def restore_latest_good(self, abstract_state, data_iterator=None, on_damaged: Callable[[int, Exception], None] | None = None):
+    def restore_latest_good(
+        self, abstract_state, data_iterator=None, on_damaged: Callable[[int, Exception], None] | None = None
+    ):
         """Newest restorable checkpoint as (step, state), or (None, None) if no committed checkpoint exists.
 
         Uncommitted or damaged newer steps are skipped with a warning (and moved aside once an older one restores);
@@ -216,8 +254,13 @@ class Checkpointer:
                     raise RestoreError(f"no {COMMIT_MARKER}: the save of step {step} never completed")
                 state = self.restore(step, abstract_state, data_iterator)
             except Exception as e:  # damaged: truncated file, missing item, bad metadata, uncommitted, ...
-                logging.warning("checkpoint at step %d in %s is damaged (%s: %s); trying the previous one",
-                                step, self.directory, type(e).__name__, _short(e))
+                logging.warning(
+                    "checkpoint at step %d in %s is damaged (%s: %s); trying the previous one",
+                    step,
+                    self.directory,
+                    type(e).__name__,
+                    _short(e),
+                )
                 skipped.append((step, e))
                 committed_failures += committed
                 if on_damaged:
@@ -225,8 +268,13 @@ class Checkpointer:
                 continue
             if skipped and not self.read_only:
                 self._move_aside([s for s, _ in skipped])
-                logging.warning("resuming from step %d in %s; damaged newer checkpoint(s) %s moved to %s",
-                                step, self.directory, [s for s, _ in skipped], self.damaged_directory)
+                logging.warning(
+                    "resuming from step %d in %s; damaged newer checkpoint(s) %s moved to %s",
+                    step,
+                    self.directory,
+                    [s for s, _ in skipped],
+                    self.damaged_directory,
+                )
             return step, state
         if committed_failures:
             details = "; ".join(f"step {s}: {type(e).__name__}: {_short(e)}" for s, e in skipped)
@@ -237,8 +285,12 @@ class Checkpointer:
             )
         if skipped and not self.read_only:  # only saves that never completed (e.g. the first one was killed)
             self._move_aside([s for s, _ in skipped])
-            logging.warning("no committed checkpoint in %s; incomplete save(s) %s moved to %s", self.directory,
-                            [s for s, _ in skipped], self.damaged_directory)
+            logging.warning(
+                "no committed checkpoint in %s; incomplete save(s) %s moved to %s",
+                self.directory,
+                [s for s, _ in skipped],
+                self.damaged_directory,
+            )
         return None, None
 
     @property
@@ -297,8 +349,9 @@ def resolve_checkpoint(checkpoint: str | int | os.PathLike, workdir: str | None 
         directory = _checkpoints_dir(paths.resolve(workdir))
         path = paths.join(directory, str(int(checkpoint)))
         if not paths.isdir(paths.join(path, "state")):
-            raise CheckpointNotFoundError(f"no checkpoint for step {checkpoint} in {directory} "
-                                          f"(available: {checkpoint_steps(directory)})")
+            raise CheckpointNotFoundError(
+                f"no checkpoint for step {checkpoint} in {directory} (available: {checkpoint_steps(directory)})"
+            )
         return path
     path = paths.resolve(checkpoint)
     if paths.isfile(path):
@@ -310,7 +363,9 @@ def resolve_checkpoint(checkpoint: str | int | os.PathLike, workdir: str | None 
     directory = _checkpoints_dir(path)
     steps = checkpoint_steps(directory)
     if not steps:
-        raise CheckpointNotFoundError(f"{directory!r}: no checkpoint steps found (expected <run>/checkpoints/<step>/state)")
+        raise CheckpointNotFoundError(
+            f"{directory!r}: no checkpoint steps found (expected <run>/checkpoints/<step>/state)"
+        )
     return paths.join(directory, str(steps[-1]))
 
 
@@ -323,8 +378,9 @@ def checkpoint_steps(directory: str) -> list[int]:
     """Steps under a checkpoints directory that hold a `state/` item, ascending ([] when it does not exist)."""
     if not paths.isdir(directory):
         return []
-    return sorted(int(d) for d in paths.listdir(directory)
-                  if d.isdigit() and paths.isdir(paths.join(directory, d, "state")))
+    return sorted(
+        int(d) for d in paths.listdir(directory) if d.isdigit() and paths.isdir(paths.join(directory, d, "state"))
+    )
 
 
 def checkpoint_config(step_dir: str) -> ml_collections.ConfigDict | None:
@@ -357,10 +413,15 @@ def restore_params_only(path: str, abstract_params=None) -> Any:
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
         else:
             target = _target_like_saved(saved, abstract_params, state_dir)
-        restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype),
-                                    target)
-        restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))["params"]
+        restore_args = jax.tree.map(
+            lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype), target
+        )
+        restored = checkpointer.restore(
+            state_dir,
+            args=ocp.args.PyTreeRestore(
+                item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
+            ),
+        )["params"]
     if abstract_params is None:
         return restored
     by_name = {_path_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
@@ -376,10 +437,14 @@ def _target_like_saved(saved, abstract_params, where: str):
     wrong = sorted(k for k in set(wanted) & set(have) if tuple(wanted[k].shape) != tuple(have[k].shape))
     if missing or unexpected or wrong:
         show = lambda keys: ", ".join("/".join(k) for k in keys[:5]) + (" ..." if len(keys) > 5 else "")  # noqa: E731
-        problems = [f"{len(missing)} param(s) not in the checkpoint: {show(missing)}" if missing else "",
-                    f"{len(unexpected)} checkpoint param(s) not in the model: {show(unexpected)}" if unexpected else "",
-                    "shape mismatch: " + ", ".join(f"{'/'.join(k)} {tuple(have[k].shape)} vs model "
-                                                   f"{tuple(wanted[k].shape)}" for k in wrong[:5]) if wrong else ""]
+        problems = [
+            f"{len(missing)} param(s) not in the checkpoint: {show(missing)}" if missing else "",
+            f"{len(unexpected)} checkpoint param(s) not in the model: {show(unexpected)}" if unexpected else "",
+            "shape mismatch: "
+            + ", ".join(f"{'/'.join(k)} {tuple(have[k].shape)} vs model {tuple(wanted[k].shape)}" for k in wrong[:5])
+            if wrong
+            else "",
+        ]
         raise RestoreError(f"{where}: params do not match this model's: " + "; ".join(p for p in problems if p))
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # for abstract leaves without a sharding
 

@@ -24,6 +24,7 @@ hence `include_attention=False` to compare) and against XLA's `cost_analysis()` 
     flops = step_flops(config, gan_active=False)           # StepFlops(total=..., terms=[...])
     peak = peak_flops_per_device(jax.devices()[0])         # None on CPU / unknown chips
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -196,6 +197,7 @@ def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Trainer hook.
+
 
 class FlopsMeter:
     """Turns measured steps/s into `perf/tflops_per_device` and `perf/mfu` (left out when the peak is unknown)."""

@@ -1,5 +1,6 @@
 """FLOP-counting building blocks shared by every model's counter (units of `unitok_jax.train.flops`: 2 per
 multiply-add, matmuls and convolutions, attention products unless asked not to), forward FLOPs for ONE example."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +36,6 @@ def config_value(cfg, key, default=None):
     return getattr(cfg, key, default)
 
 
-
 def encoder_flops(enc, image_size: int, *, include_attention: bool = True) -> dict[str, float]:
     """ViTamin hybrid encoder: conv stem, MBConv stages, strided conv, ViT blocks."""
     r = image_size // 2
@@ -47,24 +47,28 @@ def encoder_flops(enc, image_size: int, *, include_attention: bool = True) -> di
             stride = 2 if i == 0 else 1
             mid = int(width * enc.mbconv_expand_ratio)
             r_out = r // stride
-            convs += conv(r, r, 1, cin, mid) + conv(r_out, r_out, 3, mid, mid, groups=mid) + conv(r_out, r_out, 1, mid, width)
+            convs += (
+                conv(r, r, 1, cin, mid)
+                + conv(r_out, r_out, 3, mid, mid, groups=mid)
+                + conv(r_out, r_out, 1, mid, width)
+            )
             if cin != width:  # stride 2: avg-pool then 1x1; stride 1: 1x1
                 convs += conv(r_out, r_out, 1, cin, width)
             cin, r = width, r_out
     r //= 2
     convs += conv(r, r, 3, cin, enc.vit_width)
     n = r * r
-    vit = enc.vit_depth * vit_block(n, enc.vit_width, int(enc.vit_width * enc.mlp_ratio), geglu=True,
-                                    include_attention=include_attention)
+    vit = enc.vit_depth * vit_block(
+        n, enc.vit_width, int(enc.vit_width * enc.mlp_ratio), geglu=True, include_attention=include_attention
+    )
     return {"encoder_convs": convs, "encoder_vit": vit}
-
 
 
 @dataclasses.dataclass(frozen=True)
 class Term:
     name: str
-    forward: float      # forward FLOPs for the whole global batch
-    multiplier: int     # 3 trained, 2 frozen on the gradient path, 1 forward only
+    forward: float  # forward FLOPs for the whole global batch
+    multiplier: int  # 3 trained, 2 frozen on the gradient path, 1 forward only
 
     @property
     def total(self) -> float:

@@ -5,6 +5,7 @@ Parts: semantic tower (CLIP / SigLIP ViT or ViTamin), encode_task_layer, pixel C
 multi-scale quantizer (distances to both codebook halves, area down- and bicubic up-sampling matrices), BEiT
 semantic decoder + decode_task_layer, post_quant_conv + pixel CNN decoder, and the frozen teacher (forward only).
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -96,8 +97,8 @@ def quantizer_flops(q: Mapping[str, Any], scales, grid: int) -> float:
     for k in scales:
         f += dense(k * k, q["semantic_dim"], q["codebook_size"]) + dense(k * k, q["pixel_dim"], q["codebook_size"])
         if k != grid:
-            f += dense(k * grid, grid, c) + dense(k * k, grid, c)       # area: rows, then columns
-            f += dense(grid * k, k, c) + dense(grid * grid, k, c)       # bicubic back up
+            f += dense(k * grid, grid, c) + dense(k * k, grid, c)  # area: rows, then columns
+            f += dense(grid * k, k, c) + dense(grid * grid, k, c)  # bicubic back up
     return f
 
 
@@ -110,7 +111,9 @@ def beit_decoder_flops(sd: Mapping[str, Any], in_dim: int, grid: int, *, include
     return conv(grid, grid, 1, in_dim, d) + sd["depth"] * block
 
 
-def tokenflow_forward_flops(model_cfg, image_size: int | None = None, *, include_attention: bool = True) -> dict[str, float]:
+def tokenflow_forward_flops(
+    model_cfg, image_size: int | None = None, *, include_attention: bool = True
+) -> dict[str, float]:
     """Forward FLOPs of one image through each part of TokenFlow ('teacher' is the frozen distillation target)."""
     from unitok_jax.models.tokenflow import normalize_config
 
@@ -124,13 +127,16 @@ def tokenflow_forward_flops(model_cfg, image_size: int | None = None, *, include
     out = {
         "semantic_encoder": semantic_tower_flops(se, s, include_attention=include_attention),
         "encode_task_layer": dense(n, width, et["hidden"]) + dense(n, et["hidden"], et["out"]),
-        "pixel_encoder": pixel_encoder_flops(cfg["pixel_encoder"], int(cfg.get("pixel_image_size") or s),
-                                             include_attention=include_attention)
+        "pixel_encoder": pixel_encoder_flops(
+            cfg["pixel_encoder"], int(cfg.get("pixel_image_size") or s), include_attention=include_attention
+        )
         + conv(grid, grid, 1, cfg["pixel_encoder"]["z_channels"], q["pixel_dim"]),
         "quantizer": quantizer_flops(q, cfg["scales"], grid),
-        "semantic_decoder": beit_decoder_flops(cfg["semantic_decoder"], q["semantic_dim"], grid,
-                                               include_attention=include_attention)
-        + dense(n, cfg["semantic_decoder"]["embed_dim"], dt["hidden"]) + dense(n, dt["hidden"], dt["out"]),
+        "semantic_decoder": beit_decoder_flops(
+            cfg["semantic_decoder"], q["semantic_dim"], grid, include_attention=include_attention
+        )
+        + dense(n, cfg["semantic_decoder"]["embed_dim"], dt["hidden"])
+        + dense(n, dt["hidden"], dt["out"]),
         "pixel_decoder": conv(grid, grid, 1, q["pixel_dim"], cfg["pixel_decoder"]["z_channels"])
         + pixel_decoder_flops(cfg["pixel_decoder"], grid, include_attention=include_attention),
     }

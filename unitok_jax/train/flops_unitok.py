@@ -2,6 +2,7 @@
 
 Validated (tests/test_flops.py) against the official model's FlopCounterMode numbers and XLA's `cost_analysis()`.
 """
+
 from __future__ import annotations
 
 from unitok_jax.train.flops_common import Term, attention_products, config_value, conv, dense, encoder_flops, vit_block
@@ -10,10 +11,10 @@ from unitok_jax.train.flops_common import Term, attention_products, config_value
 def attn_projection_flops(n: int, in_dim: int, out_dim: int, *, include_attention: bool = True) -> float:
     width = max(in_dim, out_dim)
     heads_out = out_dim if out_dim < width else width  # 'mean' reduces heads to out_dim; 'concat' keeps width
-    f = dense(n, in_dim, out_dim)                      # shortcut
-    f += dense(n, in_dim, 3 * width)                   # qkv
-    f += dense(n, heads_out, out_dim)                  # attn.proj
-    f += 3 * dense(n, out_dim, 2 * out_dim)            # GeGLU w0, w1, w2
+    f = dense(n, in_dim, out_dim)  # shortcut
+    f += dense(n, in_dim, 3 * width)  # qkv
+    f += dense(n, heads_out, out_dim)  # attn.proj
+    f += 3 * dense(n, out_dim, 2 * out_dim)  # GeGLU w0, w1, w2
     if include_attention:
         f += attention_products(n, width)
     return f
@@ -25,8 +26,9 @@ def decoder_flops(dec, tokens_hw: int, *, mlp_ratio: float, include_attention: b
     d2, d3 = dec.inv_mbconv_depths
     er = dec.mbconv_expand_ratio
     r = tokens_hw
-    vit = dec.vit_depth * vit_block(r * r, dec.vit_width, int(dec.vit_width * mlp_ratio), geglu=True,
-                                    include_attention=include_attention)
+    vit = dec.vit_depth * vit_block(
+        r * r, dec.vit_width, int(dec.vit_width * mlp_ratio), geglu=True, include_attention=include_attention
+    )
     r *= 2
     convs = conv(r, r, 3, c0, c1)  # up_conv1
 
@@ -36,7 +38,7 @@ def decoder_flops(dec, tokens_hw: int, *, mlp_ratio: float, include_attention: b
         f = conv(r_in, r_in, 1, cin, mid)
         if stride == 2:
             f += conv(r_out, r_out, 3, cin, cout)  # shortcut Upsample2d
-            f += conv(r_out, r_out, 3, mid, mid)   # Upsample2d(mid, mid): the expensive one
+            f += conv(r_out, r_out, 3, mid, mid)  # Upsample2d(mid, mid): the expensive one
         elif cin != cout:
             f += conv(r_out, r_out, 1, cin, cout)
         f += conv(r_out, r_out, 3, mid, mid, groups=mid) + conv(r_out, r_out, 1, mid, cout)
@@ -62,7 +64,9 @@ def text_flops(text, embed_dim: int, *, include_attention: bool = True) -> float
     return text.layers * per_layer + dense(1, w, embed_dim)
 
 
-def unitok_forward_flops(model_cfg, image_size: int | None = None, *, include_attention: bool = True) -> dict[str, float]:
+def unitok_forward_flops(
+    model_cfg, image_size: int | None = None, *, include_attention: bool = True
+) -> dict[str, float]:
     """Forward FLOPs of one image (and one caption) through each part of UniTok."""
     s = int(image_size or model_cfg.image_size)
     n_side = s // 16

@@ -19,6 +19,7 @@ it (UniTok.clip_features; ≈ +9 % of the paper model's FLOPs per image), of the
 weight does (≈ +29 %); it is skipped when neither is on. Random draws (drop-path, DiffAug of the generator's GAN term, the
 discriminator's crop) are per micro-batch, identical in both passes; the discriminator update keeps the step's keys.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -52,9 +53,17 @@ def _micro_batch_keys(keys: dict, k: int) -> dict:
     return {name: jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index) for name, key in keys.items()}
 
 
-def full_batch_accumulated_train_step(state: TrainState, frozen, batch, *, ctx: step_lib.StepContext,
-                                      gan_active: bool, num_micro_batches: int, param_shardings=None,
-                                      unroll: bool = False):
+def full_batch_accumulated_train_step(
+    state: TrainState,
+    frozen,
+    batch,
+    *,
+    ctx: step_lib.StepContext,
+    gan_active: bool,
+    num_micro_batches: int,
+    param_shardings=None,
+    unroll: bool = False,
+):
     k = int(num_micro_batches)
     unroll = k if unroll else 1  # lax.scan's unroll factor (trainer._grad_accum_unroll)
     w = ctx.weights
@@ -67,14 +76,22 @@ def full_batch_accumulated_train_step(state: TrainState, frozen, batch, *, ctx: 
     # Pass 1 (forward only): what the whole-batch terms need.
     clip_value, clip_cotangents, adaptive = None, None, None
     if want_clip or want_adaptive:
+
         def first_pass(_, xs):
             chunk, chunk_keys = xs
             if not want_adaptive:  # CLIP alone: encoder + text tower, no decoder
                 return None, {"clip": step_lib.clip_forward(state.params, frozen, chunk, chunk_keys, ctx)}
             model, images, frozen_view, rec, aux = step_lib.model_forward(state.params, frozen, chunk, chunk_keys, ctx)
-            out = {"kernel_grads": step_lib.adaptive_kernel_grads(
-                ctx, model, aux, rec, step_lib.reconstruction_nll(ctx, frozen_view, images),
-                step_lib.generator_adversarial(ctx, state, frozen_view, chunk_keys))}
+            out = {
+                "kernel_grads": step_lib.adaptive_kernel_grads(
+                    ctx,
+                    model,
+                    aux,
+                    rec,
+                    step_lib.reconstruction_nll(ctx, frozen_view, images),
+                    step_lib.generator_adversarial(ctx, state, frozen_view, chunk_keys),
+                )
+            }
             if want_clip:
                 out["clip"] = step_lib.clip_inputs(aux)
             return None, out
@@ -88,12 +105,17 @@ def full_batch_accumulated_train_step(state: TrainState, frozen, batch, *, ctx: 
                 return w.clip * contrastive.clip_loss(img, txt, scale, ctx.mesh)
 
             clip_value, (g_img, g_txt, g_scale) = jax.value_and_grad(weighted_clip, argnums=(0, 1, 2))(
-                merge_micro_batches(image_features, ctx.mesh), merge_micro_batches(text_features, ctx.mesh),
-                logit_scale[0])
+                merge_micro_batches(image_features, ctx.mesh),
+                merge_micro_batches(text_features, ctx.mesh),
+                logit_scale[0],
+            )
             # The summed micro-batch gradients are divided by k below, hence the factor k on the per-row cotangents;
             # the logit scale is the same parameter in every micro-batch, so each carries g_scale (k·g_scale/k).
-            clip_cotangents = (k * split_micro_batches(g_img, k, ctx.mesh), k * split_micro_batches(g_txt, k, ctx.mesh),
-                               jnp.broadcast_to(g_scale, (k,)))
+            clip_cotangents = (
+                k * split_micro_batches(g_img, k, ctx.mesh),
+                k * split_micro_batches(g_txt, k, ctx.mesh),
+                jnp.broadcast_to(g_scale, (k,)),
+            )
         if want_adaptive:
             g_nll, g_gan = (jnp.mean(g, axis=0) for g in first["kernel_grads"])
             adaptive = adversarial.adaptive_weight(g_nll, g_gan, w.adaptive_clamp)
@@ -106,11 +128,16 @@ def full_batch_accumulated_train_step(state: TrainState, frozen, batch, *, ctx: 
         chunk, chunk_keys, cotangents = xs
         given = step_lib.FullBatchTerms(clip_cotangents=cotangents, adaptive_weight=adaptive)
         (_, (metrics, rec)), grads = jax.value_and_grad(step_lib.generator_loss, has_aux=True)(
-            state.params, state, frozen, chunk, chunk_keys, ctx, gan_active, given)
+            state.params, state, frozen, chunk, chunk_keys, ctx, gan_active, given
+        )
         return constrain(jax.tree.map(jnp.add, grad_sum, grads)), (metrics, rec)
 
-    grad_sum, (metrics, recs) = jax.lax.scan(second_pass, constrain(jax.tree.map(jnp.zeros_like, state.params)),
-                                             (micro, micro_keys, clip_cotangents), unroll=unroll)
+    grad_sum, (metrics, recs) = jax.lax.scan(
+        second_pass,
+        constrain(jax.tree.map(jnp.zeros_like, state.params)),
+        (micro, micro_keys, clip_cotangents),
+        unroll=unroll,
+    )
     grads = jax.tree.map(lambda g: g / k, grad_sum)
     metrics = {name: jnp.mean(value.astype(jnp.float32)) for name, value in metrics.items()}
     loss = metrics["train/loss/total"]
@@ -119,5 +146,15 @@ def full_batch_accumulated_train_step(state: TrainState, frozen, batch, *, ctx: 
         metrics["train/loss/clip"] = clip_value / w.clip
         metrics["train/logit_scale"] = first["clip"][2][0]
         metrics["train/loss/total"] = loss
-    return step_lib.apply_gradients(state, frozen, batch, keys, ctx=ctx, gan_active=gan_active, loss=loss,
-                                    grads=grads, metrics=metrics, rec=merge_micro_batches(recs, ctx.mesh))
+    return step_lib.apply_gradients(
+        state,
+        frozen,
+        batch,
+        keys,
+        ctx=ctx,
+        gan_active=gan_active,
+        loss=loss,
+        grads=grads,
+        metrics=metrics,
+        rec=merge_micro_batches(recs, ctx.mesh),
+    )

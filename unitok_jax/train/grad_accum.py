@@ -20,6 +20,7 @@ Semantics to know:
   * Per-micro-batch RNG keys are fold_in(rng, step·k + i); the GAN ramp is evaluated per micro-step on the same
     scale, so it matches the un-accumulated schedule.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,34 +66,53 @@ def split_micro_batches(batch: dict, k: int, mesh) -> dict:
     return jax.tree.map(split, batch)
 
 
-def accumulated_train_step(state: TrainState, frozen, batch, *, ctx: step_lib.StepContext, gan_active: bool,
-                           num_micro_batches: int, param_shardings=None, disc_param_shardings=None,
-                           unroll: bool = False):
+def accumulated_train_step(
+    state: TrainState,
+    frozen,
+    batch,
+    *,
+    ctx: step_lib.StepContext,
+    gan_active: bool,
+    num_micro_batches: int,
+    param_shardings=None,
+    disc_param_shardings=None,
+    unroll: bool = False,
+):
     k = int(num_micro_batches)
     capture = _capture()
     micro_ctx = dataclasses.replace(
-        ctx, tx=capture, disc_tx=capture if ctx.disc_tx is not None else None,
-        gan_start_step=ctx.gan_start_step * k, gan_ramp_steps=ctx.gan_ramp_steps * k)
+        ctx,
+        tx=capture,
+        disc_tx=capture if ctx.disc_tx is not None else None,
+        gan_start_step=ctx.gan_start_step * k,
+        gan_ramp_steps=ctx.gan_ramp_steps * k,
+    )
 
     def constrain(tree, shardings):
         return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
     zero_g = _Sum(constrain(jax.tree.map(jnp.zeros_like, state.params), param_shardings))
     zero_d = _Sum(constrain(jax.tree.map(jnp.zeros_like, state.disc_params), disc_param_shardings))
-    base = state.replace(opt_state=zero_g, disc_opt_state=zero_d, nonfinite_steps=jnp.zeros((), jnp.int32),
-                         consecutive_nonfinite=jnp.zeros((), jnp.int32))
+    base = state.replace(
+        opt_state=zero_g,
+        disc_opt_state=zero_d,
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+        consecutive_nonfinite=jnp.zeros((), jnp.int32),
+    )
 
     def body(carry, xs):
         i, micro = xs
         micro_state = carry.replace(step=state.step * k + i)
         new, metrics = step_lib.train_step(micro_state, frozen, micro, ctx=micro_ctx, gan_active=gan_active)
-        carry = carry.replace(opt_state=new.opt_state, disc_opt_state=new.disc_opt_state,
-                              nonfinite_steps=new.nonfinite_steps)
+        carry = carry.replace(
+            opt_state=new.opt_state, disc_opt_state=new.disc_opt_state, nonfinite_steps=new.nonfinite_steps
+        )
         return carry, metrics
 
     micro_batches = split_micro_batches(batch, k, ctx.mesh)
-    carry, metrics = jax.lax.scan(body, base, (jnp.arange(k, dtype=jnp.int32), micro_batches),
-                                  unroll=k if unroll else 1)  # unroll: trainer._grad_accum_unroll
+    carry, metrics = jax.lax.scan(
+        body, base, (jnp.arange(k, dtype=jnp.int32), micro_batches), unroll=k if unroll else 1
+    )  # unroll: trainer._grad_accum_unroll
     bad = carry.nonfinite_steps  # micro-batches left out
     good = jnp.maximum(k - bad, 1).astype(jnp.float32)
     grads = jax.tree.map(lambda g: g / good, carry.opt_state.total)
@@ -117,13 +137,15 @@ def accumulated_train_step(state: TrainState, frozen, batch, *, ctx: step_lib.St
         consecutive_nonfinite=jnp.where(all_finite, 0, state.consecutive_nonfinite + 1),
     )
     out = {name: jnp.mean(value.astype(jnp.float32)) for name, value in metrics.items()}
-    out.update({
-        "train/grad_norm/generator": optax.global_norm(grads),
-        "train/nonfinite_steps": new_state.nonfinite_steps,
-        "train/consecutive_nonfinite": new_state.consecutive_nonfinite,
-        "train/step_was_finite": all_finite.astype(jnp.float32),
-        "train/micro_batches_skipped": bad.astype(jnp.float32),
-    })
+    out.update(
+        {
+            "train/grad_norm/generator": optax.global_norm(grads),
+            "train/nonfinite_steps": new_state.nonfinite_steps,
+            "train/consecutive_nonfinite": new_state.consecutive_nonfinite,
+            "train/step_was_finite": all_finite.astype(jnp.float32),
+            "train/micro_batches_skipped": bad.astype(jnp.float32),
+        }
+    )
     if gan_active:
         out["train/grad_norm/disc"] = optax.global_norm(d_grads)
     return new_state, out
@@ -132,8 +154,9 @@ def accumulated_train_step(state: TrainState, frozen, batch, *, ctx: step_lib.St
 MODES = ("full_batch", "micro_batch")
 
 
-def check_config(grad_accum_steps: int, global_batch_size: int, data_parallel_size: int,
-                 mode: str = "full_batch") -> None:
+def check_config(
+    grad_accum_steps: int, global_batch_size: int, data_parallel_size: int, mode: str = "full_batch"
+) -> None:
     from unitok_jax.config_lib import ConfigError
 
     if mode not in MODES:
@@ -145,4 +168,6 @@ def check_config(grad_accum_steps: int, global_batch_size: int, data_parallel_si
         raise ConfigError(
             "grad_accum_steps",
             f"global_batch_size={global_batch_size} is not divisible by grad_accum_steps*data-parallel size = "
-            f"{k}*{data_parallel_size}", "every micro-batch must split evenly over the devices")
+            f"{k}*{data_parallel_size}",
+            "every micro-batch must split evenly over the devices",
+        )

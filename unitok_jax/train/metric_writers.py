@@ -5,6 +5,7 @@ per writer and counted in `errors`, and writing is retried on the next call. The
 object store (`gs://`, see `unitok_jax.paths`): TensorBoard events are then written to a local staging directory
 and uploaded on every flush (tensorboardX appends to an open file, which object stores cannot do).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,9 @@ def _to_python(value):
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool | None = None,
-                 resume_step: int | None = None):
+    def __init__(
+        self, workdir: str, *, tensorboard: bool = True, enabled: bool | None = None, resume_step: int | None = None
+    ):
         """`resume_step`: the step a resumed run restarts from; rows of later steps (written by an attempt that was
         killed before its next checkpoint, and about to be recomputed) are dropped from metrics.jsonl, so it keeps
         one row per step."""
@@ -51,8 +53,9 @@ class MetricWriter:
         target = paths.join(self.workdir, "tensorboard")
         if paths.is_url(target):
             self._tb_remote = target
-            self._tb_local = paths.makedirs(paths.join("~/.cache/unitok_jax/tensorboard",
-                                                       hashlib.sha256(target.encode()).hexdigest()[:16]))
+            self._tb_local = paths.makedirs(
+                paths.join("~/.cache/unitok_jax/tensorboard", hashlib.sha256(target.encode()).hexdigest()[:16])
+            )
             target = self._tb_local
         self._tb = SummaryWriter(target, flush_secs=10)
 
@@ -60,7 +63,9 @@ class MetricWriter:
         if self._tb_remote is None:
             return
         for name in paths.listdir(self._tb_local):
-            paths.write_bytes_atomic(paths.join(self._tb_remote, name), paths.read_bytes(paths.join(self._tb_local, name)))
+            paths.write_bytes_atomic(
+                paths.join(self._tb_remote, name), paths.read_bytes(paths.join(self._tb_local, name))
+            )
 
     def _drop_rows_after(self, step: int):
         if not paths.exists(self.jsonl_path):
@@ -69,7 +74,9 @@ class MetricWriter:
         kept = [line for line in lines if _row_step(line) <= step]
         if len(kept) != len(lines):
             paths.write_text_atomic(self.jsonl_path, "".join(kept))
-            logging.info("metrics.jsonl: dropped %d row(s) after step %d (recomputed on resume)", len(lines) - len(kept), step)
+            logging.info(
+                "metrics.jsonl: dropped %d row(s) after step %d (recomputed on resume)", len(lines) - len(kept), step
+            )
 
     def _guard(self, what: str, fn, *args):
         try:
@@ -133,7 +140,14 @@ def _row_step(line: str) -> int:
 class ProgressLine:
     """One log line per logging step: step, main losses, images/s and ETA."""
 
-    KEYS = ("train/loss/total", "train/loss/l2", "train/loss/clip", "train/loss/vq", "train/loss/d", "train/codebook/usage")
+    KEYS = (
+        "train/loss/total",
+        "train/loss/l2",
+        "train/loss/clip",
+        "train/loss/vq",
+        "train/loss/d",
+        "train/codebook/usage",
+    )
 
     def __init__(self, total_steps: int, start_step: int):
         self.total_steps = total_steps

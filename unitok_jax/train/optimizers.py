@@ -1,5 +1,6 @@
 """Optimizers: AdamW with the official warm-up + cosine schedule, global-norm clipping, regex weight-decay masks,
 frozen groups and per-group learning-rate multipliers (optax.multi_transform)."""
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,12 @@ def make_optimizer(opt: ml_collections.ConfigDict, params, total_steps: int) -> 
             continue
         lr_mult = float(settings.get("lr_mult", 1.0))
         transforms[f"g{i}"] = optax.adamw(
-            lambda count, m=lr_mult: m * schedule(count), b1=opt.b1, b2=opt.b2, eps=opt.eps,
-            weight_decay=opt.weight_decay, mask=mask,
+            lambda count, m=lr_mult: m * schedule(count),
+            b1=opt.b1,
+            b2=opt.b2,
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+            mask=mask,
         )
     tx = optax.multi_transform(transforms, labels)
     if opt.get("clip_norm", 0.0):

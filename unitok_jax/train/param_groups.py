@@ -1,5 +1,6 @@
 """Regex parameter groups: every parameter path ('encoder/blocks/0/attn/qkv/kernel') gets the settings of the
 first matching rule. Used for weight-decay masks, freezing and learning-rate multipliers."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """Performance accounting: wall-time buckets (compile, data wait, step, checkpoint, eval)."""
+
 from __future__ import annotations
 
 import contextlib

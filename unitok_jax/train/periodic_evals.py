@@ -1,5 +1,6 @@
 """The trainer's hook for evals during training (`config.eval.every_steps`): run them on the live params, log them,
 and never let one host's eval failure hang or stop the others."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,16 @@ from unitok_jax.evals.config import data_config_for, eval_config, evals_due
 from unitok_jax.evals.runner import run_evals, summary_line
 
 
-def run_periodic_evals(config: ml_collections.ConfigDict, step: int, params, model_rest, graphdef, writer=None, *,
-                       names: str | Sequence[str] | None = None) -> dict[str, Any] | None:
+def run_periodic_evals(
+    config: ml_collections.ConfigDict,
+    step: int,
+    params,
+    model_rest,
+    graphdef,
+    writer=None,
+    *,
+    names: str | Sequence[str] | None = None,
+) -> dict[str, Any] | None:
     """Call after a train step on every process; returns None unless `evals_due(config, step)`. When due: runs the
     configured evals on the current params (mesh-sharded is fine), writes `eval/<name>/<metric>` scalars and the
     reconstruction grid through `writer` (a MetricWriter, process 0 writes), prints a one-line summary and
@@ -40,8 +49,11 @@ def run_periodic_evals(config: ml_collections.ConfigDict, step: int, params, mod
         report, failed = None, f"error: {type(e).__name__}: {e}"
     if _any_host(bool(failed)):
         return {"skipped": failed or "error on another host (see its log)"}
-    scalars = {f"eval/{k}": v for k, v in report.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("meta/")}
+    scalars = {
+        f"eval/{k}": v
+        for k, v in report.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("meta/")
+    }
     scalars["eval/seconds"] = report.get("meta/seconds", 0.0)
     if writer is not None:
         writer.write_scalars(step, scalars)
@@ -66,8 +78,11 @@ def local_eval_inputs(config) -> str:
             seen.append(f"{what}: {len(files)} file(s), missing {[f for f in files if not paths.exists(f)][:3]}")
         except Exception as e:  # noqa: BLE001 - reported as this host's view
             seen.append(f"{what}: {type(e).__name__}: {e}")
-    for what, path in (("LPIPS weights", ec.recon.lpips_path or config.get("loss", {}).get("lpips_path", "")),
-                       ("InceptionV3 weights", ec.fid.inception_path), ("FID reference stats", ec.fid.reference_stats)):
+    for what, path in (
+        ("LPIPS weights", ec.recon.lpips_path or config.get("loss", {}).get("lpips_path", "")),
+        ("InceptionV3 weights", ec.fid.inception_path),
+        ("FID reference stats", ec.fid.reference_stats),
+    ):
         if path:
             seen.append(f"{what} {path}: {'present' if paths.exists(path) else 'missing'}")
     return "; ".join(seen)
@@ -83,8 +98,10 @@ def hosts_disagree(local_view: str) -> str:
     if np.all(everyone == everyone[0]):
         return ""
     odd = int(np.nonzero(everyone != everyone[0])[0][0])
-    return (f"the hosts see different eval inputs (process {odd} differs from process 0; this process sees: "
-            f"{local_view}); make the eval files and weights readable on every host")
+    return (
+        f"the hosts see different eval inputs (process {odd} differs from process 0; this process sees: "
+        f"{local_view}); make the eval files and weights readable on every host"
+    )
 
 
 def _any_host(flag: bool) -> bool:

@@ -3,6 +3,7 @@
 Params are `nnx.State` trees of trainable `nnx.Param`s; frozen weights (LPIPS, the DINOv2 backbone) and any
 non-Param model state travel separately as `frozen` so they are never optimised or checkpointed twice.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,13 +15,13 @@ from flax import struct
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array                 # int32 scalar: number of steps applied (or skipped as non-finite)
-    params: Any                     # generator (tokenizer + text tower) nnx.State
+    step: jax.Array  # int32 scalar: number of steps applied (or skipped as non-finite)
+    params: Any  # generator (tokenizer + text tower) nnx.State
     opt_state: Any
-    disc_params: Any                # trainable discriminator nnx.State ({} when there is no discriminator)
+    disc_params: Any  # trainable discriminator nnx.State ({} when there is no discriminator)
     disc_opt_state: Any
-    rng: jax.Array                  # raw uint32[2] key data; per-step keys are fold_in(rng, step)
-    nonfinite_steps: jax.Array      # int32: total steps whose update was dropped because of NaN/Inf
+    rng: jax.Array  # raw uint32[2] key data; per-step keys are fold_in(rng, step)
+    nonfinite_steps: jax.Array  # int32: total steps whose update was dropped because of NaN/Inf
     consecutive_nonfinite: jax.Array  # int32: current run of such steps (the trainer stops after K)
 
     def step_key(self) -> jax.Array:
@@ -28,4 +29,8 @@ class TrainState:
 
 
 def initial_counters() -> dict[str, jax.Array]:
-    return dict(step=jnp.zeros((), jnp.int32), nonfinite_steps=jnp.zeros((), jnp.int32), consecutive_nonfinite=jnp.zeros((), jnp.int32))
+    return dict(
+        step=jnp.zeros((), jnp.int32),
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+        consecutive_nonfinite=jnp.zeros((), jnp.int32),
+    )

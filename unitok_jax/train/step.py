@@ -5,6 +5,7 @@ discriminator (hinge + bCR). Whether the GAN is active is a *static* switch: the
 picks one per step on the host, so there is never a Python `if` on a traced value. Steps whose loss or gradients
 are not finite are not applied; they only advance the step and the health counters.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,8 @@ class StepContext:
     # (parallel.sharding.compute_shardings); None = use them as stored.
     compute_shardings: Any = None
     diffaug: Callable[..., jax.Array] | None = None
-    model_takes_text: bool = True   # UniTok has a text tower; TokenFlow does not
-    teacher_graphdef: Any = None    # TokenFlow's frozen semantic teacher (state in frozen['teacher'])
+    model_takes_text: bool = True  # UniTok has a text tower; TokenFlow does not
+    teacher_graphdef: Any = None  # TokenFlow's frozen semantic teacher (state in frozen['teacher'])
 
 
 def _tree_all_finite(tree) -> jax.Array:
@@ -104,8 +105,11 @@ def _compute_view(ctx: StepContext, name: str, tree):
 
 
 def _discriminate(ctx: StepContext, disc_params, frozen, images, key):
-    disc = nnx.merge(ctx.disc_graphdef, _compute_view(ctx, "disc_params", disc_params),
-                     _compute_view(ctx, "disc_rest", frozen["disc_rest"]))
+    disc = nnx.merge(
+        ctx.disc_graphdef,
+        _compute_view(ctx, "disc_params", disc_params),
+        _compute_view(ctx, "disc_rest", frozen["disc_rest"]),
+    )
     return disc(images, rngs_or_key=key)
 
 
@@ -140,16 +144,22 @@ def model_forward(params, frozen, batch, keys, ctx: StepContext):
     images = batch["image"].astype(jnp.float32)
     model, frozen = _training_model(params, frozen, ctx)
     # Per-step randomness (drop-path, TokenFlow's scale drop) comes from an explicit Rngs for this step's key.
-    rec, aux = forward(model, images, batch.get("text") if ctx.model_takes_text else None,
-                       deterministic=False, rngs=nnx.Rngs(dropout=keys["model"]))
+    rec, aux = forward(
+        model,
+        images,
+        batch.get("text") if ctx.model_takes_text else None,
+        deterministic=False,
+        rngs=nnx.Rngs(dropout=keys["model"]),
+    )
     return model, images, frozen, rec.astype(jnp.float32), aux
 
 
 def clip_forward(params, frozen, batch, keys, ctx: StepContext) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The CLIP pair of `model_forward` (same random draws) without decoding: UniTok's `clip_features`."""
     model, _ = _training_model(params, frozen, ctx)
-    return model.clip_features(batch["image"].astype(jnp.float32), batch["text"], deterministic=False,
-                               rngs=nnx.Rngs(dropout=keys["model"]))
+    return model.clip_features(
+        batch["image"].astype(jnp.float32), batch["text"], deterministic=False, rngs=nnx.Rngs(dropout=keys["model"])
+    )
 
 
 def reconstruction_nll(ctx: StepContext, frozen, images) -> Callable[[jax.Array], jax.Array]:
@@ -182,7 +192,11 @@ def adaptive_kernel_grads(ctx: StepContext, model, aux, rec, nll_fn, gan_fn) -> 
     x_last = jax.lax.stop_gradient(aux["decoder_last_input"])
     kernel = jax.lax.stop_gradient(conv.kernel.value)
     grad_kernel = functools.partial(
-        adversarial.conv_kernel_gradient, x_last, kernel, strides=conv.strides, padding=conv.padding,
+        adversarial.conv_kernel_gradient,
+        x_last,
+        kernel,
+        strides=conv.strides,
+        padding=conv.padding,
         groups=conv.feature_group_count,
     )
     rec_sg = jax.lax.stop_gradient(rec)
@@ -196,8 +210,16 @@ def clip_inputs(aux) -> tuple[jax.Array, jax.Array, jax.Array] | None:
     return aux["clip_image_features"], aux["clip_text_features"], aux["logit_scale"]
 
 
-def generator_loss(params, state: TrainState, frozen, batch, keys, ctx: StepContext, gan_active: bool,
-                   given: FullBatchTerms | None = None):
+def generator_loss(
+    params,
+    state: TrainState,
+    frozen,
+    batch,
+    keys,
+    ctx: StepContext,
+    gan_active: bool,
+    given: FullBatchTerms | None = None,
+):
     """Total generator loss and its metrics. `keys`: dict of PRNG keys for this step.
 
     `given` (micro-batches of full-batch accumulation): whole-batch terms computed beforehand; the reported
@@ -232,8 +254,10 @@ def generator_loss(params, state: TrainState, frozen, batch, keys, ctx: StepCont
     if clip_pair is not None and w.clip:
         if given is not None and given.clip_cotangents is not None:
             # ⟨g, x⟩ has gradient g·∂x/∂θ: this micro-batch's exact share of the full-batch CLIP gradient.
-            surrogate = sum(jnp.sum(jax.lax.stop_gradient(g) * x.astype(jnp.float32))
-                            for g, x in zip(given.clip_cotangents, clip_pair))
+            surrogate = sum(
+                jnp.sum(jax.lax.stop_gradient(g) * x.astype(jnp.float32))
+                for g, x in zip(given.clip_cotangents, clip_pair)
+            )
         else:
             clip = contrastive.clip_loss(*clip_pair, ctx.mesh)
             metrics["train/loss/clip"] = clip
@@ -246,14 +270,17 @@ def generator_loss(params, state: TrainState, frozen, batch, keys, ctx: StepCont
         if given is not None and given.adaptive_weight is not None:
             adaptive = given.adaptive_weight
         elif w.adaptive_gan_weight:
-            adaptive = adversarial.adaptive_weight(*adaptive_kernel_grads(ctx, model, aux, rec, nll_fn, gan_fn),
-                                                   w.adaptive_clamp)
+            adaptive = adversarial.adaptive_weight(
+                *adaptive_kernel_grads(ctx, model, aux, rec, nll_fn, gan_fn), w.adaptive_clamp
+            )
         else:
             adaptive = jnp.ones((), jnp.float32)
         ramp = adversarial.gan_ramp(state.step, ctx.gan_start_step, ctx.gan_ramp_steps)
         gan_weight = ramp * w.gan * adaptive
         total = total + gan_weight * g_adv
-        metrics.update({"train/loss/g_adv": g_adv, "train/gan/adaptive_weight": adaptive, "train/gan/weight": gan_weight})
+        metrics.update(
+            {"train/loss/g_adv": g_adv, "train/gan/adaptive_weight": adaptive, "train/gan/weight": gan_weight}
+        )
 
     metrics["train/loss/total"] = total
     return total + surrogate, (metrics, rec)
@@ -266,11 +293,19 @@ def discriminator_loss(disc_params, frozen, images, fake, keys, ctx: StepContext
     logits_real = _discriminate(ctx, disc_params, frozen, real_aug, keys["disc_real"])
     logits_fake = _discriminate(ctx, disc_params, frozen, fake_aug, keys["disc_fake"])
     loss = adversarial.hinge_discriminator_loss(logits_real, logits_fake)
-    metrics = {"train/loss/d_hinge": loss, "train/disc/logits_real": jnp.mean(logits_real), "train/disc/logits_fake": jnp.mean(logits_fake)}
+    metrics = {
+        "train/loss/d_hinge": loss,
+        "train/disc/logits_real": jnp.mean(logits_real),
+        "train/disc/logits_fake": jnp.mean(logits_fake),
+    }
     if ctx.weights.bcr:
         strong = dict(cutout=ctx.weights.bcr_cutout)
-        s_real = _discriminate(ctx, disc_params, frozen, _augment(ctx, images, keys["bcr_real"], **strong), keys["disc_real"])
-        s_fake = _discriminate(ctx, disc_params, frozen, _augment(ctx, fake, keys["bcr_fake"], **strong), keys["disc_fake"])
+        s_real = _discriminate(
+            ctx, disc_params, frozen, _augment(ctx, images, keys["bcr_real"], **strong), keys["disc_real"]
+        )
+        s_fake = _discriminate(
+            ctx, disc_params, frozen, _augment(ctx, fake, keys["bcr_fake"], **strong), keys["disc_fake"]
+        )
         bcr = adversarial.consistency_loss(s_real, logits_real) + adversarial.consistency_loss(s_fake, logits_fake)
         metrics["train/loss/d_bcr"] = bcr
         loss = loss + ctx.weights.bcr * bcr
@@ -290,12 +325,14 @@ def train_step(state: TrainState, frozen, batch, *, ctx: StepContext, gan_active
     (loss, (metrics, rec)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
         state.params, state, frozen, batch, keys, ctx, gan_active
     )
-    return apply_gradients(state, frozen, batch, keys, ctx=ctx, gan_active=gan_active, loss=loss, grads=grads,
-                           metrics=metrics, rec=rec)
+    return apply_gradients(
+        state, frozen, batch, keys, ctx=ctx, gan_active=gan_active, loss=loss, grads=grads, metrics=metrics, rec=rec
+    )
 
 
-def apply_gradients(state: TrainState, frozen, batch, keys, *, ctx: StepContext, gan_active: bool, loss, grads,
-                    metrics, rec):
+def apply_gradients(
+    state: TrainState, frozen, batch, keys, *, ctx: StepContext, gan_active: bool, loss, grads, metrics, rec
+):
     """Apply the generator gradients and, with the GAN on, one discriminator update against `rec`; a step whose
     loss or gradients are not finite changes nothing but the step and the health counters."""
     metrics = dict(metrics)
@@ -329,10 +366,12 @@ def apply_gradients(state: TrainState, frozen, batch, keys, *, ctx: StepContext,
         nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
         consecutive_nonfinite=consecutive,
     )
-    metrics.update({
-        "train/grad_norm/generator": grad_norm,
-        "train/nonfinite_steps": new_state.nonfinite_steps,
-        "train/consecutive_nonfinite": new_state.consecutive_nonfinite,
-        "train/step_was_finite": finite.astype(jnp.float32),
-    })
+    metrics.update(
+        {
+            "train/grad_norm/generator": grad_norm,
+            "train/nonfinite_steps": new_state.nonfinite_steps,
+            "train/consecutive_nonfinite": new_state.consecutive_nonfinite,
+            "train/step_was_finite": finite.astype(jnp.float32),
+        }
+    )
     return new_state, metrics

@@ -3,6 +3,7 @@
 Multi-host discipline: every process runs the same control flow; per-process batches become global arrays;
 only process 0 writes metrics/images; checkpoints are written collectively by Orbax.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,8 @@ class Components:
 
     mesh: Any
     ctx: step_lib.StepContext
-    init_state: Any            # () -> TrainState, jitted with out_shardings
-    init_frozen: Any           # () -> frozen tree, jitted with out_shardings
+    init_state: Any  # () -> TrainState, jitted with out_shardings
+    init_frozen: Any  # () -> frozen tree, jitted with out_shardings
     state_shardings: Any
     frozen_shardings: Any
     abstract_state: Any
@@ -106,7 +107,9 @@ def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components
     if gan_enabled:
         abstract_disc = nnx.eval_shape(lambda: _build_discriminator(config, seed))
         disc_graphdef, abs_disc_params, abs_disc_rest = nnx.split(abstract_disc, nnx.Param, ...)
-        disc_tx = optimizers.make_optimizer(config.disc_optimizer, abs_disc_params, max(config.total_steps - gan_start, 1))
+        disc_tx = optimizers.make_optimizer(
+            config.disc_optimizer, abs_disc_params, max(config.total_steps - gan_start, 1)
+        )
 
     lpips_module = _load_frozen_weights(config)
     lpips_graphdef = lpips_state = None
@@ -117,28 +120,41 @@ def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components
     if config.loss.get("distill", 0.0):
         from unitok_jax.convert.tokenflow import load_teacher
 
-        teacher_graphdef, teacher_state = nnx.split(load_teacher(config.get("teacher_path") or None, _model_dict(config), seed=seed))
+        teacher_graphdef, teacher_state = nnx.split(
+            load_teacher(config.get("teacher_path") or None, _model_dict(config), seed=seed)
+        )
 
     diffaug = None
     if gan_enabled:
         from unitok_jax.losses.diffaug import diff_augment
 
         aug = config.loss.diffaug
-        diffaug = functools.partial(_diffaug_with_defaults, diff_augment, translation=aug.translation, color=aug.color, cutout=aug.cutout)
+        diffaug = functools.partial(
+            _diffaug_with_defaults, diff_augment, translation=aug.translation, color=aug.color, cutout=aug.cutout
+        )
 
     ctx = step_lib.StepContext(
         model_graphdef=model_graphdef,
         tx=tx,
         weights=step_lib.LossWeights(
-            l1=config.loss.l1, l2=config.loss.l2, lpips=config.loss.lpips, vq=config.loss.vq, clip=config.loss.clip,
-            gan=config.loss.gan, adaptive_gan_weight=config.loss.adaptive_gan_weight,
-                adaptive_clamp=tuple(config.loss.adaptive_clamp), bcr=config.loss.bcr, bcr_cutout=config.loss.bcr_cutout,
+            l1=config.loss.l1,
+            l2=config.loss.l2,
+            lpips=config.loss.lpips,
+            vq=config.loss.vq,
+            clip=config.loss.clip,
+            gan=config.loss.gan,
+            adaptive_gan_weight=config.loss.adaptive_gan_weight,
+            adaptive_clamp=tuple(config.loss.adaptive_clamp),
+            bcr=config.loss.bcr,
+            bcr_cutout=config.loss.bcr_cutout,
             distill=float(config.loss.get("distill", 0.0)),
         ),
         mesh=mesh,
         gan_start_step=gan_start,
         gan_ramp_steps=gan_ramp,
-        logit_scale_max=float(config.model.clip.get("logit_scale_max", np.log(100.0))) if config.model.get("clip") else float(np.log(100.0)),
+        logit_scale_max=float(config.model.clip.get("logit_scale_max", np.log(100.0)))
+        if config.model.get("clip")
+        else float(np.log(100.0)),
         disc_graphdef=disc_graphdef,
         disc_tx=disc_tx,
         lpips_graphdef=lpips_graphdef,
@@ -160,8 +176,14 @@ def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components
     opt_sh = opt_shardings(tx, abs_params, param_sh)
     disc_opt_sh = opt_shardings(disc_tx, abs_disc_params, disc_param_sh) if gan_enabled else nnx.State({})
     state_sh = TrainState(
-        step=repl, params=param_sh, opt_state=opt_sh, disc_params=disc_param_sh, disc_opt_state=disc_opt_sh,
-        rng=repl, nonfinite_steps=repl, consecutive_nonfinite=repl,
+        step=repl,
+        params=param_sh,
+        opt_state=opt_sh,
+        disc_params=disc_param_sh,
+        disc_opt_state=disc_opt_sh,
+        rng=repl,
+        nonfinite_steps=repl,
+        consecutive_nonfinite=repl,
     )
 
     def init_state_fn():
@@ -170,8 +192,14 @@ def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components
         if gan_enabled:
             _, disc_params, _ = nnx.split(_build_discriminator(config, seed), nnx.Param, ...)
             disc_opt = disc_tx.init(disc_params)
-        return TrainState(params=params, opt_state=tx.init(params), disc_params=disc_params, disc_opt_state=disc_opt,
-                          rng=jax.random.key_data(jax.random.key(seed)), **initial_counters())
+        return TrainState(
+            params=params,
+            opt_state=tx.init(params),
+            disc_params=disc_params,
+            disc_opt_state=disc_opt,
+            rng=jax.random.key_data(jax.random.key(seed)),
+            **initial_counters(),
+        )
 
     lpips_sh = shd.state_shardings(lpips_state, mesh, rules) if lpips_state is not None else None
     teacher_sh = shd.state_shardings(teacher_state, mesh, rules) if teacher_state is not None else None
@@ -193,15 +221,22 @@ def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components
         return frozen
 
     # Weights live FSDP-sharded but are used gathered (see parallel.sharding.compute_shardings).
-    ctx = dataclasses.replace(ctx, compute_shardings=shd.compute_shardings(
-        {"params": param_sh, "disc_params": disc_param_sh, **frozen_sh}))
+    ctx = dataclasses.replace(
+        ctx, compute_shardings=shd.compute_shardings({"params": param_sh, "disc_params": disc_param_sh, **frozen_sh})
+    )
 
     with jax.set_mesh(mesh):
         abstract_state = jax.eval_shape(init_state_fn)
     param_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params))
     return Components(
-        mesh=mesh, ctx=ctx, init_state=jax.jit(init_state_fn, out_shardings=state_sh), init_frozen=init_frozen,
-        state_shardings=state_sh, frozen_shardings=frozen_sh, abstract_state=abstract_state, param_count=param_count,
+        mesh=mesh,
+        ctx=ctx,
+        init_state=jax.jit(init_state_fn, out_shardings=state_sh),
+        init_frozen=init_frozen,
+        state_shardings=state_sh,
+        frozen_shardings=frozen_sh,
+        abstract_state=abstract_state,
+        param_count=param_count,
         grad_accum_steps=_grad_accum_steps(config, mesh),
         grad_accum_mode=_grad_accum_mode(config),
         grad_accum_unroll=_grad_accum_unroll(config, mesh),
@@ -214,8 +249,9 @@ def _grad_accum_mode(config) -> str:
 
 def _grad_accum_steps(config, mesh) -> int:
     k = int(config.get("grad_accum_steps", 1) or 1)
-    grad_accum.check_config(k, int(config.global_batch_size), mesh.shape["data"] * mesh.shape["fsdp"],
-                            _grad_accum_mode(config))
+    grad_accum.check_config(
+        k, int(config.global_batch_size), mesh.shape["data"] * mesh.shape["fsdp"], _grad_accum_mode(config)
+    )
     return k
 
 
@@ -240,8 +276,12 @@ def optax_param_shardings(tx, abstract_opt_state, param_shardings, default):
     import optax
 
     return optax.tree_map_params(
-        tx, lambda _, sharding: sharding, abstract_opt_state, param_shardings,
-        transform_non_params=lambda _: default, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
+        tx,
+        lambda _, sharding: sharding,
+        abstract_opt_state,
+        param_shardings,
+        transform_non_params=lambda _: default,
+        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
     )
 
 
@@ -254,14 +294,23 @@ def jit_train_steps(components: Components, batch_shardings) -> dict[bool, Any]:
         fn = functools.partial(step_lib.train_step, ctx=components.ctx, gan_active=gan_active)
         if components.grad_accum_steps > 1 and components.grad_accum_mode == "full_batch":
             fn = functools.partial(
-                full_batch_accum.full_batch_accumulated_train_step, ctx=components.ctx, gan_active=gan_active,
-                num_micro_batches=components.grad_accum_steps, param_shardings=components.state_shardings.params,
-                unroll=components.grad_accum_unroll)
+                full_batch_accum.full_batch_accumulated_train_step,
+                ctx=components.ctx,
+                gan_active=gan_active,
+                num_micro_batches=components.grad_accum_steps,
+                param_shardings=components.state_shardings.params,
+                unroll=components.grad_accum_unroll,
+            )
         elif components.grad_accum_steps > 1:
             fn = functools.partial(
-                grad_accum.accumulated_train_step, ctx=components.ctx, gan_active=gan_active,
-                num_micro_batches=components.grad_accum_steps, param_shardings=components.state_shardings.params,
-                disc_param_shardings=components.state_shardings.disc_params, unroll=components.grad_accum_unroll)
+                grad_accum.accumulated_train_step,
+                ctx=components.ctx,
+                gan_active=gan_active,
+                num_micro_batches=components.grad_accum_steps,
+                param_shardings=components.state_shardings.params,
+                disc_param_shardings=components.state_shardings.disc_params,
+                unroll=components.grad_accum_unroll,
+            )
         steps[gan_active] = jax.jit(
             fn,
             in_shardings=(components.state_shardings, components.frozen_shardings, batch_shardings),
@@ -324,12 +373,16 @@ def _console(message: str) -> None:
 
 def _nonfinite_error(count: int, step: int, limit: int, checkpointer) -> NonFiniteError:
     last = checkpointer.latest_step()
-    kept = f"the last good checkpoint (step {last}) is kept in {checkpointer.directory}" if last is not None else \
-        "no checkpoint had been written yet"
+    kept = (
+        f"the last good checkpoint (step {last}) is kept in {checkpointer.directory}"
+        if last is not None
+        else "no checkpoint had been written yet"
+    )
     return NonFiniteError(
         f"{count} consecutive steps up to step {step} had non-finite loss or gradients (their updates were not "
         f"applied); stopping at config.max_consecutive_nonfinite={limit}. No checkpoint is written during such a "
-        f"streak: {kept}. Check the data and the learning rate, then rerun to resume from it.")
+        f"streak: {kept}. Check the data and the learning rate, then rerun to resume from it."
+    )
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -352,13 +405,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     flops_meter = flops.FlopsMeter(config, jax.devices())  # perf/tflops_per_device, perf/mfu
     mesh = components.mesh
     max_nonfinite = int(config.max_consecutive_nonfinite)
-    logging.info("model %s: %.2f M trainable generator params; mesh %s", config.model_name, components.param_count / 1e6, dict(mesh.shape))
+    logging.info(
+        "model %s: %.2f M trainable generator params; mesh %s",
+        config.model_name,
+        components.param_count / 1e6,
+        dict(mesh.shape),
+    )
 
     loader = pipeline.make_train_loader(config.data, global_batch_size=config.global_batch_size, seed=config.seed)
     data_iter = iter(loader)
-    checkpointer = checkpointing.Checkpointer(checkpoint_dir, max_to_keep=config.keep_checkpoints,
-                                              async_save=config.async_checkpointing,
-                                              timeout_secs=int(config.get("checkpoint_timeout_secs", 1200)))
+    checkpointer = checkpointing.Checkpointer(
+        checkpoint_dir,
+        max_to_keep=config.keep_checkpoints,
+        async_save=config.async_checkpointing,
+        timeout_secs=int(config.get("checkpoint_timeout_secs", 1200)),
+    )
     writer = None
     abstract = checkpointing.abstract_with_shardings(components.abstract_state, components.state_shardings)
     # Installed before restore and compilation: a preemption notice during them still ends in a checkpoint.
@@ -382,8 +443,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             # step shows in the first minutes instead of at loss.gan_start (hours into a pod run).
             with timers("compile"):
                 first_local = next(data_iter)
-                steps = compile_train_steps(components, config, state, frozen, _model_batch(first_local, mesh),
-                                            start_step)
+                steps = compile_train_steps(
+                    components, config, state, frozen, _model_batch(first_local, mesh), start_step
+                )
                 # Hosts finish compiling at different times (one hits the compilation cache, another compiles for
                 # minutes); the first step's collectives must not start until all have, or the early host's
                 # collective times out (gloo: 30 s) and the run fails on every restart.
@@ -436,14 +498,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
             if preview is not None and (step % config.image_every_steps == 0 or step == config.total_steps):
                 rec = reconstruct(state.params, frozen["model_rest"], preview)
-                writer.write_image_grid(step, "reconstruction", multihost_utils.process_allgather(preview, tiled=True),
-                                        multihost_utils.process_allgather(rec, tiled=True))
+                writer.write_image_grid(
+                    step,
+                    "reconstruction",
+                    multihost_utils.process_allgather(preview, tiled=True),
+                    multihost_utils.process_allgather(rec, tiled=True),
+                )
 
             with timers("eval"):
                 if evals_due(config, step):  # collective: every host runs them
                     watchdog.long_phase(f"periodic evals at step {step}")
-                    run_periodic_evals(config, step, state.params, frozen["model_rest"], components.ctx.model_graphdef,
-                                       writer)
+                    run_periodic_evals(
+                        config, step, state.params, frozen["model_rest"], components.ctx.model_graphdef, writer
+                    )
 
             preempted = stop.requested or _preemption_reached(step)
             if checkpoint_due or step % config.ckpt_every_steps == 0 or step == config.total_steps or preempted:
@@ -455,23 +522,37 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     raise error
                 checkpoint_due = streak > 0
                 if checkpoint_due:
-                    logging.warning("step %d: not checkpointing during a run of %d non-finite step(s); will checkpoint "
-                                    "after the next finite step", step, streak)
+                    logging.warning(
+                        "step %d: not checkpointing during a run of %d non-finite step(s); will checkpoint "
+                        "after the next finite step",
+                        step,
+                        streak,
+                    )
                 else:
                     with timers("checkpoint"):
-                        checkpointer.save(step, state, data_iter, _config_json(config), force=preempted,
-                                          data_position=_data_position(data_iter, config))
+                        checkpointer.save(
+                            step,
+                            state,
+                            data_iter,
+                            _config_json(config),
+                            force=preempted,
+                            data_position=_data_position(data_iter, config),
+                        )
             if preempted:
                 watchdog.long_phase(f"the preemption checkpoint of step {step}")
                 with timers("checkpoint"):
                     checkpointer.wait()
                 last = checkpointer.latest_step()
-                _console(f"preempted at step {step}: {'checkpoint written' if last == step else f'newest checkpoint is step {last}'}"
-                         f"; exiting cleanly (rerun the same command to resume)")
+                _console(
+                    f"preempted at step {step}: {'checkpoint written' if last == step else f'newest checkpoint is step {last}'}"
+                    f"; exiting cleanly (rerun the same command to resume)"
+                )
                 break
         if checkpoint_due:
-            _console(f"warning: the run ended inside a run of non-finite steps, so step {step} was not checkpointed; "
-                     f"the newest checkpoint is step {checkpointer.latest_step()}")
+            _console(
+                f"warning: the run ended inside a run of non-finite steps, so step {step} was not checkpointed; "
+                f"the newest checkpoint is step {checkpointer.latest_step()}"
+            )
         watchdog.long_phase("the final checkpoint save")
         checkpointer.close()  # waits for the last async save: a failure there is a CheckpointSaveError
     except checkpointing.CheckpointSaveError as e:
@@ -484,8 +565,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if writer is not None:
             writer.flush()
             writer.close()
-    return {"start_step": start_step, "final_step": step, "origin": origin, "first": first_metrics, "last": last_metrics,
-            "timers": timers.as_metrics(), "writer_errors": writer.errors if writer is not None else 0}
+    return {
+        "start_step": start_step,
+        "final_step": step,
+        "origin": origin,
+        "first": first_metrics,
+        "last": last_metrics,
+        "timers": timers.as_metrics(),
+        "writer_errors": writer.errors if writer is not None else 0,
+    }
 
 
 def _close_quietly(checkpointer) -> None:
@@ -504,22 +592,34 @@ def _check_workdir(workdir: str, checkpoint_dir: str) -> None:
         try:
             paths.check_writable(where)
         except OSError as e:
-            raise WorkdirError(f"--workdir: {e}. Point --workdir at a writable directory (local, NFS or gs://) "
-                               "or fix its permissions/mount; nothing has been trained or written.") from e
+            raise WorkdirError(
+                f"--workdir: {e}. Point --workdir at a writable directory (local, NFS or gs://) "
+                "or fix its permissions/mount; nothing has been trained or written."
+            ) from e
 
 
 def _warn_if_low_space(checkpoint_dir: str, components: Components, keep: int) -> None:
     free = paths.free_bytes(checkpoint_dir)
     if free is None:  # object store
         return
-    state_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(components.abstract_state))
+    state_bytes = sum(
+        int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(components.abstract_state)
+    )
     need = (keep + 1) * state_bytes  # keep_checkpoints plus the one being written
     if free < need:
-        logging.warning("low disk space: %.2f GiB free in %s, but %d checkpoints of %.2f GiB need %.2f GiB; "
-                        "a save will fail when the disk fills (the run then stops naming the last good step)",
-                        free / 2**30, checkpoint_dir, keep + 1, state_bytes / 2**30, need / 2**30)
-        _console(f"warning: only {free / 2**30:.2f} GiB free for checkpoints in {checkpoint_dir} "
-                 f"(need about {need / 2**30:.2f} GiB)")
+        logging.warning(
+            "low disk space: %.2f GiB free in %s, but %d checkpoints of %.2f GiB need %.2f GiB; "
+            "a save will fail when the disk fills (the run then stops naming the last good step)",
+            free / 2**30,
+            checkpoint_dir,
+            keep + 1,
+            state_bytes / 2**30,
+            need / 2**30,
+        )
+        _console(
+            f"warning: only {free / 2**30:.2f} GiB free for checkpoints in {checkpoint_dir} "
+            f"(need about {need / 2**30:.2f} GiB)"
+        )
 
 
 def _model_batch(local: dict, mesh) -> dict:
@@ -562,8 +662,11 @@ def _wait_for_every_host(name: str, timeout_s: float) -> None:
 def _make_watchdog(config) -> watchdog_lib.Watchdog:
     """The hang watchdog; with `watchdog.enabled=False` it is never started (its methods are then no-ops)."""
     cfg = config.get("watchdog", None) or {}
-    dog = watchdog_lib.Watchdog(factor=float(cfg.get("factor", 20.0)), min_timeout_s=float(cfg.get("min_timeout_s", 600.0)),
-                                startup_timeout_s=_startup_timeout_s(config))
+    dog = watchdog_lib.Watchdog(
+        factor=float(cfg.get("factor", 20.0)),
+        min_timeout_s=float(cfg.get("min_timeout_s", 600.0)),
+        startup_timeout_s=_startup_timeout_s(config),
+    )
     return dog.start() if cfg.get("enabled", True) else dog
 
 
@@ -590,14 +693,17 @@ def compile_train_steps(components: Components, config, state, frozen, batch, st
         if config.get("device_memory_limit_gib"):  # plan for a smaller budget (headroom, another chip) or on CPU
             limit = int(float(config.device_memory_limit_gib) * 2**30)
         fits = f" of {limit / 2**30:.2f} GiB" if limit else ""
-        _console(f"compiled the {name} in {seconds:.1f} s"
-                 + (f": {need / 2**30:.2f} GiB/device{fits}" if need is not None else ""))
+        _console(
+            f"compiled the {name} in {seconds:.1f} s"
+            + (f": {need / 2**30:.2f} GiB/device{fits}" if need is not None else "")
+        )
         if need is not None and limit and need > limit:
             raise StepMemoryError(
                 f"the {name} needs {need / 2**30:.2f} GiB per device but the device has {limit / 2**30:.2f} GiB. "
                 f"Levers: --config.grad_accum_steps (now {components.grad_accum_steps}; more micro-batches = less "
                 f"activation memory), --config.model.remat=full, a smaller --config.global_batch_size, or more "
-                f"devices / a wider --config.mesh.fsdp (params and AdamW state are sharded over it).")
+                f"devices / a wider --config.mesh.fsdp (params and AdamW state are sharded over it)."
+            )
     return compiled
 
 
@@ -662,14 +768,18 @@ def _load_pretrained_semantic_encoder(config, components: Components, state):
     shardings = dict(nnx.to_flat_state(components.state_shardings.params))
     ours = {path[1:] for path, _ in flat if path[0] == "encoder_vqkd"}
     if ours != set(loaded):
-        raise ValueError(f"semantic_init_path: pretrained tower params {sorted(set(loaded) ^ ours)[:5]} do not match "
-                         "the model's encoder_vqkd")
+        raise ValueError(
+            f"semantic_init_path: pretrained tower params {sorted(set(loaded) ^ ours)[:5]} do not match "
+            "the model's encoder_vqkd"
+        )
     for path, var in flat:
         if path[0] == "encoder_vqkd":
             new = loaded[path[1:]].get_value()
             if tuple(new.shape) != tuple(var.get_value().shape):
-                raise ValueError(f"semantic_init_path: {'/'.join(map(str, path))} has shape {tuple(new.shape)}, "
-                                 f"the model expects {tuple(var.get_value().shape)}")
+                raise ValueError(
+                    f"semantic_init_path: {'/'.join(map(str, path))} has shape {tuple(new.shape)}, "
+                    f"the model expects {tuple(var.get_value().shape)}"
+                )
             sharding = shardings[path]
             var.set_value(jax.device_put(jnp.asarray(new, var.get_value().dtype), getattr(sharding, "value", sharding)))
     return state.replace(params=nnx.from_flat_state(flat))
@@ -697,4 +807,4 @@ def _preview_batch(config, mesh):
         return None
     per_process = n // jax.process_count()
     start = jax.process_index() * per_process
-    return shd.to_global_batch({"image": images[start:start + per_process]}, mesh)["image"]
+    return shd.to_global_batch({"image": images[start : start + per_process]}, mesh)["image"]

@@ -8,6 +8,7 @@ where it hung), and exits the process with ``EXIT_CODE``, so the supervisor (lau
 job, which resumes from the newest checkpoint. The first steps (compilation) and phases the loop announces as long
 (checkpoint waits, evals) use ``startup_timeout_s`` instead.
 """
+
 from __future__ import annotations
 
 import collections
@@ -36,8 +37,16 @@ def thread_stacks() -> str:
 class Watchdog:
     """Call ``pet()`` after every step; ``long_phase(seconds)`` before work known to be slow; ``stop()`` at the end."""
 
-    def __init__(self, *, factor: float = 20.0, min_timeout_s: float = 600.0, startup_timeout_s: float = 3600.0,
-                 window: int = 50, poll_s: float = 1.0, on_hang: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        *,
+        factor: float = 20.0,
+        min_timeout_s: float = 600.0,
+        startup_timeout_s: float = 3600.0,
+        window: int = 50,
+        poll_s: float = 1.0,
+        on_hang: Callable[[str], None] | None = None,
+    ):
         self.factor = float(factor)
         self.min_timeout_s = float(min_timeout_s)
         self.startup_timeout_s = float(startup_timeout_s)
@@ -88,9 +97,11 @@ class Watchdog:
                 waited, what = time.monotonic() - self._last, self._what
             if waited > limit:
                 median = statistics.median(self._durations) if self._durations else float("nan")
-                message = (f"watchdog: no progress for {waited:.0f} s in {what} (limit {limit:.0f} s; median step "
-                           f"{median:.2f} s). A host may have died or a collective is stuck. Stacks of every thread:\n"
-                           f"{thread_stacks()}")
+                message = (
+                    f"watchdog: no progress for {waited:.0f} s in {what} (limit {limit:.0f} s; median step "
+                    f"{median:.2f} s). A host may have died or a collective is stuck. Stacks of every thread:\n"
+                    f"{thread_stacks()}"
+                )
                 self._stopped.set()
                 self._on_hang(message)
                 return
@@ -98,8 +109,12 @@ class Watchdog:
 
 def _exit_on_hang(message: str) -> None:
     logging.error("%s", message)
-    print(f"[unitok_jax] {message.splitlines()[0]} Exiting with code {EXIT_CODE} so the supervisor restarts the run "
-          "(it resumes from the newest checkpoint).", file=sys.stderr, flush=True)
+    print(
+        f"[unitok_jax] {message.splitlines()[0]} Exiting with code {EXIT_CODE} so the supervisor restarts the run "
+        "(it resumes from the newest checkpoint).",
+        file=sys.stderr,
+        flush=True,
+    )
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
     os._exit(EXIT_CODE)  # the main thread is blocked: sys.exit from here would not end the process
