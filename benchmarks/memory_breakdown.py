@@ -51,7 +51,6 @@ def main(_):
 
     from unitok_jax.losses import adversarial, reconstruction
     from unitok_jax.train import trainer
-    from unitok_jax.train.step import forward
 
     config = _CONFIG.value
     if _REMAT.value:
@@ -73,7 +72,7 @@ def main(_):
 
         def tokenizer_loss(p, r, x):
             m = nnx.merge(graphdef, p, r, copy=True)
-            rec, aux = forward(m, x, None, deterministic=False, rngs=nnx.Rngs(dropout=0))
+            rec, aux = m(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
             rec = rec.astype(jnp.float32)
             return (
                 0.2 * reconstruction.l1_loss(rec, x)

@@ -20,13 +20,12 @@ _OUT_NDIM = {"rec": 4, "psnr": 1, "ssim": 1, "indices": 3, "img": 2, "txt": 2, "
 
 
 def split_model(model):
-    """(graphdef, params, rest, model config or None) from an nnx module or a (graphdef, params, rest) tuple."""
+    """(graphdef, params, rest) from an nnx module or a (graphdef, params, rest) tuple."""
     if isinstance(model, nnx.Module):
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        return graphdef, params, rest, getattr(model, "config", None)
+        return nnx.split(model, nnx.Param, ...)
     if isinstance(model, (tuple, list)) and len(model) == 3:
         graphdef, params, rest = model
-        return graphdef, params, rest, None
+        return graphdef, params, rest
     raise TypeError(f"model must be an nnx.Module or (graphdef, params, rest), got {type(model).__name__}")
 
 
@@ -46,8 +45,9 @@ _FORWARD_BY_IDENTITY: dict[tuple, tuple] = {}
 
 
 def forward_fn(graphdef, lpips_graphdef, with_text: bool, mesh=None, has_clip_head: bool = True):
-    """The jitted eval forward, cached so periodic evals compile once. A TokenFlow graphdef is unhashable (the
-    module keeps its config dict), so those are cached by identity (the trainer passes the same object)."""
+    """The jitted eval forward, cached so periodic evals compile once. `has_clip_head`: the model's (it fixes the
+    outputs' shardings before tracing). A TokenFlow graphdef is unhashable (the module keeps its config dict), so
+    those are cached by identity (the trainer passes the same object)."""
     args = (graphdef, lpips_graphdef, with_text, mesh, has_clip_head)
     try:
         return _forward_fn_by_value(*args)
@@ -67,18 +67,13 @@ def _forward_fn_by_value(graphdef, lpips_graphdef, with_text, mesh, has_clip_hea
 
 
 def _make_forward_fn(graphdef, lpips_graphdef, with_text: bool, mesh, has_clip_head: bool):
-    """has_clip_head: UniTok has a CLIP image head; TokenFlow does not (its semantic branch is distilled)."""
-
     def forward(params, rest, lpips_state, images, text):
         model = nnx.merge(graphdef, params, rest)
-        rec, aux = model(images, text, deterministic=True) if with_text else model(images, deterministic=True)
+        rec, aux = model(images, text if with_text else None, deterministic=True)
         rec = jnp.clip(rec.astype(jnp.float32), -1.0, 1.0)
         metrics = reconstruction_metrics(images, rec)
-        indices = aux["indices"]
-        if indices.ndim == 2:  # TokenFlow: one shared index space, [b, tokens of all scales] -> [b, 1, tokens]
-            indices = indices[:, None, :]
-        out = {"rec": rec, "psnr": metrics["psnr"], "ssim": metrics["ssim"], "indices": indices}
-        if has_clip_head:
+        out = {"rec": rec, "psnr": metrics["psnr"], "ssim": metrics["ssim"], "indices": model.codes(aux)}
+        if model.has_clip_head:
             out["img"] = aux["clip_image_features"].astype(jnp.float32)
         if with_text:
             out["txt"] = aux["clip_text_features"].astype(jnp.float32)

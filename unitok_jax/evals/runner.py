@@ -36,6 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from unitok_jax import paths
 from unitok_jax.data import pipeline
@@ -46,12 +47,6 @@ from unitok_jax.evals.forward import forward_fn, params_mesh, split_model
 from unitok_jax.evals.zeroshot_setup import build_zero_shot
 from unitok_jax.parallel import sharding as shd
 from unitok_jax.image_grid import save_pair_grid
-
-
-def _quantizer_sizes(config, model_cfg) -> tuple[int, int]:
-    """(codebooks, entries per codebook) for the usage statistics; TokenFlow: one shared index space."""
-    q = (model_cfg if model_cfg is not None else config.model).quantizer
-    return int(q.get("num_codebooks", 1)), int(q["codebook_size"])
 
 
 def _run_pass(loader, num_batches, forward, params, rest, lpips_state, mesh, accumulators):
@@ -93,14 +88,14 @@ def run_evals(
     ec = eval_config(config)
     names = parse_names(names if names is not None else ec.names)
     num_batches = int(ec.num_batches if num_batches is None else num_batches)
-    graphdef, params, rest, model_cfg = split_model(model)
+    graphdef, params, rest = split_model(model)
     mesh = params_mesh(params)
     if mesh is not None:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         rest = jax.device_put(rest, replicated) if jax.tree.leaves(rest) else rest
     report: dict[str, Any] = {}
-    has_text = bool((model_cfg if model_cfg is not None else config.model).get("text"))
-    has_clip_head = bool((model_cfg if model_cfg is not None else config.model).get("clip"))
+    tokenizer = nnx.merge(graphdef, params, rest)  # for its interface (models/tokenizer.py); no computation
+    has_text, has_clip_head = bool(tokenizer.takes_text), bool(tokenizer.has_clip_head)
     batch_size = eval_batch_size(config, ec, mesh)
     main_data = data_config_for(config)
 
@@ -119,8 +114,7 @@ def run_evals(
     lpips_graphdef = lpips_state = None
     if "recon" in names:
         lpips_graphdef, lpips_state, lpips_skipped = eval_networks.lpips_network(config, ec, mesh)
-        k, kk = _quantizer_sizes(config, model_cfg)
-        main_accs["recon"] = ReconAccumulator(k, kk, int(ec.grid_images), lpips_skipped)
+        main_accs["recon"] = ReconAccumulator(*tokenizer.code_layout, int(ec.grid_images), lpips_skipped)
     if "fid" in names:
         ev, why = eval_networks.fid_evaluator(config, ec, pipeline.eval_files(main_data), num_batches, batch_size)
         if ev is None:

@@ -561,23 +561,49 @@ class TokenFlow(nnx.Module):
         saux.update(paux)
         return sem_rec, pix_rec, saux
 
+    # -- the Tokenizer interface (models/tokenizer.py) -------------------------------------------------------
+    takes_text = False  # no text tower: the semantic branch is distilled from a frozen teacher instead
+    has_clip_head = False
+
+    @property
+    def last_decoder_conv(self) -> nnx.Conv:
+        """The pixel decoder's `conv_out`: the layer whose gradient norms give the adaptive GAN weight."""
+        return self.decoder.conv_out
+
+    @property
+    def code_layout(self) -> tuple[int, int]:
+        return 1, int(self.cfg["quantizer"]["codebook_size"])  # one index space shared by both halves
+
+    def codes(self, aux) -> jax.Array:
+        return aux["indices"][:, None, :]  # [b, tokens of all scales] -> [b, 1, tokens]
+
+    def clip_pair(self, aux):
+        del aux
+        return None
+
+    def extra_losses(self, aux) -> dict:
+        return {"commit": aux["commit_loss"]}  # the official code reports codebook and commitment terms apart
+
     # -- full forward ----------------------------------------------------------------------------------------
     def __call__(
         self,
         images: jax.Array,
+        text_ids: jax.Array | None = None,
         *,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
         return_intermediates: bool = False,
         log_distance_norms: bool = False,
     ) -> tuple[jax.Array, dict]:
-        """images [b, H, W, 3] -> (pix_rec [b, H, W, 3] (not clipped), aux).
+        """images [b, H, W, 3] -> (pix_rec [b, H, W, 3] (not clipped), aux). `text_ids` is ignored (no text tower;
+        accepted so every tokenizer is called the same way).
 
         aux: 'indices' [b, total_tokens], 'indices_per_scale', 'vq_loss', 'commit_loss', 'entropy_loss',
         'codebook_counts', 'codebook_usage', 'codebook_perplexity', 'sem_rec' [b, n, teacher_dim],
         'final_quantize' [b, F, F, 40], 'quant_sem', 'quant_pix', 'decoder_last_input', 'post_quant',
         plus intermediates when asked.
         """
+        del text_ids
         f, aux = self.encode(
             images,
             deterministic=deterministic,

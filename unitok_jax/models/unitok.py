@@ -426,11 +426,36 @@ class UniTok(nnx.Module):
         self.logit_scale_max = float(cfg.clip.get("logit_scale_max", math.log(100.0)))
         self.drop_rngs = drop_rngs
 
-    # -- pieces --------------------------------------------------------------------------------------------------
+    # -- the Tokenizer interface (models/tokenizer.py) ----------------------------------------------------------
+    has_clip_head = True
+
+    @property
+    def takes_text(self) -> bool:
+        return self.text_encoder is not None
+
     @property
     def last_decoder_conv(self) -> nnx.Conv:
         """`decoder.up_conv4.conv2`: the layer whose gradient norms give the adaptive GAN weight."""
         return self.decoder.last_conv
+
+    @property
+    def code_layout(self) -> tuple[int, int]:
+        q = self.config.quantizer
+        return int(q.get("num_codebooks", 1)), int(q["codebook_size"])
+
+    def codes(self, aux) -> jax.Array:
+        return aux["indices"]  # [b, k, n]
+
+    def clip_pair(self, aux):
+        if aux.get("clip_text_features") is None:
+            return None
+        return aux["clip_image_features"], aux["clip_text_features"], aux["logit_scale"]
+
+    def extra_losses(self, aux) -> dict:
+        del aux
+        return {}
+
+    # -- pieces --------------------------------------------------------------------------------------------------
 
     def _rngs(self, rngs):
         return rngs if rngs is not None else self.drop_rngs

@@ -93,7 +93,7 @@ def full_batch_accumulated_train_step(
                 )
             }
             if want_clip:
-                out["clip"] = step_lib.clip_inputs(aux)
+                out["clip"] = model.clip_pair(aux)
             return None, out
 
         _, first = jax.lax.scan(first_pass, None, (micro, micro_keys), unroll=unroll)

@@ -50,7 +50,6 @@ class StepContext:
     gan_start_step: int = 0
     gan_ramp_steps: int = 0
     logit_scale_max: float = 4.605170185988092
-    adaptive_layer: str = "last_decoder_conv"  # property of UniTok: decoder.up_conv4.conv2
     disc_graphdef: Any = None
     disc_tx: optax.GradientTransformation | None = None
     lpips_graphdef: Any = None
@@ -58,7 +57,7 @@ class StepContext:
     # (parallel.sharding.compute_shardings); None = use them as stored.
     compute_shardings: Any = None
     diffaug: Callable[..., jax.Array] | None = None
-    model_takes_text: bool = True  # UniTok has a text tower; TokenFlow does not
+    model_takes_text: bool = True  # the model's `takes_text` (models/tokenizer.py), known before tracing
     teacher_graphdef: Any = None  # TokenFlow's frozen semantic teacher (state in frozen['teacher'])
 
 
@@ -78,17 +77,6 @@ def _clamp_logit_scale(params, max_value: float):
         return jnp.clip(leaf, 0.0, max_value) if param_groups.path_string(path) == "logit_scale" else leaf
 
     return jax.tree_util.tree_map_with_path(clamp, params)
-
-
-def forward(model, images, text=None, **kwargs):
-    """Call a tokenizer uniformly: UniTok takes optional text ids, TokenFlow only images."""
-    return model(images, text, **kwargs) if text is not None else model(images, **kwargs)
-
-
-def _get_submodule(module, dotted: str):
-    for part in dotted.split("."):
-        module = module[int(part)] if part.isdigit() else getattr(module, part)
-    return module
 
 
 def _lpips_value(ctx: StepContext, frozen, rec, images):
@@ -144,8 +132,7 @@ def model_forward(params, frozen, batch, keys, ctx: StepContext):
     images = batch["image"].astype(jnp.float32)
     model, frozen = _training_model(params, frozen, ctx)
     # Per-step randomness (drop-path, TokenFlow's scale drop) comes from an explicit Rngs for this step's key.
-    rec, aux = forward(
-        model,
+    rec, aux = model(
         images,
         batch.get("text") if ctx.model_takes_text else None,
         deterministic=False,
@@ -188,7 +175,7 @@ def generator_adversarial(ctx: StepContext, state: TrainState, frozen, keys) -> 
 
 def adaptive_kernel_grads(ctx: StepContext, model, aux, rec, nll_fn, gan_fn) -> tuple[jax.Array, jax.Array]:
     """(∇_W nll, ∇_W gan) at the last decoder conv W: vjp of that conv with ∂loss/∂rec (no full 2nd backward)."""
-    conv = _get_submodule(model, ctx.adaptive_layer)
+    conv = model.last_decoder_conv
     x_last = jax.lax.stop_gradient(aux["decoder_last_input"])
     kernel = jax.lax.stop_gradient(conv.kernel.value)
     grad_kernel = functools.partial(
@@ -201,13 +188,6 @@ def adaptive_kernel_grads(ctx: StepContext, model, aux, rec, nll_fn, gan_fn) -> 
     )
     rec_sg = jax.lax.stop_gradient(rec)
     return grad_kernel(jax.grad(nll_fn)(rec_sg)), grad_kernel(jax.grad(gan_fn)(rec_sg))
-
-
-def clip_inputs(aux) -> tuple[jax.Array, jax.Array, jax.Array] | None:
-    """(image features, text features, logit scale) when the forward produced a CLIP pair, else None."""
-    if aux.get("clip_text_features") is None:
-        return None
-    return aux["clip_image_features"], aux["clip_text_features"], aux["logit_scale"]
 
 
 def generator_loss(
@@ -239,9 +219,9 @@ def generator_loss(
     if w.lpips:
         metrics["train/loss/lpips"] = _lpips_value(ctx, frozen, rec, images)
     total = nll + w.vq * aux["vq_loss"]
-    if "commit_loss" in aux:  # TokenFlow reports codebook and commitment terms separately
-        metrics["train/loss/commit"] = aux["commit_loss"]
-        total = total + w.vq * aux["commit_loss"]
+    for name, value in model.extra_losses(aux).items():  # e.g. TokenFlow's commitment term, weighted like VQ
+        metrics[f"train/loss/{name}"] = value
+        total = total + w.vq * value
     if ctx.teacher_graphdef is not None and w.distill:
         from unitok_jax.losses.distillation import cosine_distillation_loss
 
@@ -250,7 +230,7 @@ def generator_loss(
         metrics["train/loss/distill"] = distill
         total = total + w.distill * distill
     surrogate = jnp.zeros((), jnp.float32)
-    clip_pair = clip_inputs(aux)
+    clip_pair = model.clip_pair(aux)
     if clip_pair is not None and w.clip:
         if given is not None and given.clip_cotangents is not None:
             # ⟨g, x⟩ has gradient g·∂x/∂θ: this micro-batch's exact share of the full-batch CLIP gradient.

@@ -159,7 +159,7 @@ def build_components(config: ml_collections.ConfigDict, mesh=None) -> Components
         disc_tx=disc_tx,
         lpips_graphdef=lpips_graphdef,
         diffaug=diffaug,
-        model_takes_text=bool(config.model.get("text")),
+        model_takes_text=bool(abstract_model.takes_text),
         teacher_graphdef=teacher_graphdef,
     )
 
@@ -787,7 +787,7 @@ def _load_pretrained_semantic_encoder(config, components: Components, state):
 
 def _reconstruct(params, model_rest, images, *, graphdef):
     model = nnx.merge(graphdef, params, model_rest)
-    rec, _ = step_lib.forward(model, images, None, deterministic=True)
+    rec, _ = model(images, deterministic=True)
     return jnp.clip(rec.astype(jnp.float32), -1.0, 1.0)
 
 
