@@ -1,7 +1,7 @@
 """Both tokenizer families implement `models.tokenizer.Tokenizer`, and what the train step builds on it holds: the
 adaptive GAN weight's kernel gradient from `last_decoder_conv` + aux["decoder_last_input"] equals autodiff's
 gradient of that kernel (TokenFlow could not take the adaptive weight before the interface), codes are
-[b, codebooks, tokens] within `code_layout`, and the extra losses / CLIP pair are what each family reports."""
+[b, codebooks, tokens] within `code_layout`, graphdefs are hashable, and the extra losses / CLIP pair are what each family reports."""
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ def _tokenflow(tmp_path):
 def test_interface_and_adaptive_kernel_gradient(build, tmp_path):
     model, size = build(tmp_path)
     assert isinstance(model, Tokenizer)
+    hash(nnx.graphdef(model))  # hashable: jitted eval/train functions are cached by value, not by object identity
     images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, size=(2, size, size, 3)), jnp.float32)
     text = jnp.ones((2, 16), jnp.int32) if model.takes_text else None
     if text is not None:

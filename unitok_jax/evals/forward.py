@@ -41,28 +41,10 @@ def params_mesh(params):
     return None
 
 
-_FORWARD_BY_IDENTITY: dict[tuple, tuple] = {}
-
-
-def forward_fn(graphdef, lpips_graphdef, with_text: bool, mesh=None, has_clip_head: bool = True):
-    """The jitted eval forward, cached so periodic evals compile once. `has_clip_head`: the model's (it fixes the
-    outputs' shardings before tracing). A TokenFlow graphdef is unhashable (the module keeps its config dict), so
-    those are cached by identity (the trainer passes the same object)."""
-    args = (graphdef, lpips_graphdef, with_text, mesh, has_clip_head)
-    try:
-        return _forward_fn_by_value(*args)
-    except TypeError:
-        key = tuple(id(a) for a in args)
-        hit = _FORWARD_BY_IDENTITY.get(key)
-        if hit is None or any(a is not b for a, b in zip(hit[0], args)):
-            if len(_FORWARD_BY_IDENTITY) >= 8:
-                _FORWARD_BY_IDENTITY.pop(next(iter(_FORWARD_BY_IDENTITY)))
-            hit = _FORWARD_BY_IDENTITY[key] = (args, _make_forward_fn(*args))
-        return hit[1]
-
-
 @functools.lru_cache(maxsize=8)
-def _forward_fn_by_value(graphdef, lpips_graphdef, with_text, mesh, has_clip_head):
+def forward_fn(graphdef, lpips_graphdef, with_text: bool, mesh=None, has_clip_head: bool = True):
+    """The jitted eval forward, cached (graphdefs are hashable) so periodic evals compile once. `has_clip_head`:
+    the model's (it fixes the outputs' shardings before tracing)."""
     return _make_forward_fn(graphdef, lpips_graphdef, with_text, mesh, has_clip_head)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from flax import nnx
 
-import ml_collections
 
 from unitok_jax.models.tokenflow import TokenFlow
 from unitok_jax.models.unitok import UniTok, model_config
@@ -16,8 +15,6 @@ def build_model(name: str, cfg, rngs: nnx.Rngs):
     """Build a registered model: `build_model('unitok', cfg, nnx.Rngs(0))`."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
-    if name == "tokenflow" and isinstance(cfg, ml_collections.ConfigDict):
-        cfg = cfg.to_dict()  # TokenFlow's config is a plain nested dict (official naming)
     return MODELS[name](cfg, rngs=rngs)
 
 

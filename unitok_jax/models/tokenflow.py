@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+import ml_collections
 
 from unitok_jax.models import layers as L
 from unitok_jax.models.beit_decoder import BeitDecoder
@@ -398,7 +399,8 @@ class TokenFlow(nnx.Module):
     def __init__(self, cfg: Mapping[str, Any] | str, *, rngs: nnx.Rngs):
         cfg = normalize_config(cfg)
         rngs = _as_keyseq(rngs)
-        self.cfg = cfg
+        # Frozen (hashable) like UniTok's: the graphdef is then hashable, so jitted functions cache by value.
+        self.config = ml_collections.FrozenConfigDict(cfg)
         dtype = _DTYPES[cfg["dtype"]]
         self.dtype = dtype
         se_cfg = {k: v for k, v in cfg["semantic_encoder"].items() if k != "input_scaling"}
@@ -480,7 +482,7 @@ class TokenFlow(nnx.Module):
     # -- encoder ---------------------------------------------------------------------------------------------
     def encode_features(self, images: jax.Array, *, return_intermediates: bool = False) -> tuple[jax.Array, dict]:
         """images [b, H, W, 3] -> h [b, g, g, sem+pix] (un-normalised concat of both streams)."""
-        cfg = self.cfg
+        cfg = self.config
         interp = bool(cfg["infer_interpolate"])
         sem_in = images
         scaling = cfg["semantic_encoder"]["input_scaling"]
@@ -538,7 +540,7 @@ class TokenFlow(nnx.Module):
 
     # -- decoders --------------------------------------------------------------------------------------------
     def decode_semantic(self, quant_sem: jax.Array) -> tuple[jax.Array, dict]:
-        tokens, daux = self.decoder_vqkd(quant_sem, interpolate=bool(self.cfg["infer_interpolate"]))
+        tokens, daux = self.decoder_vqkd(quant_sem, interpolate=bool(self.config["infer_interpolate"]))
         return self.decode_task_layer(tokens).astype(jnp.float32), {
             "sem_dec_tokens": tokens,
             "sem_dec_pos_embed_used": daux["pos_embed_used"],
@@ -547,8 +549,8 @@ class TokenFlow(nnx.Module):
     def decode_pixel(self, quant_pix: jax.Array) -> tuple[jax.Array, dict]:
         post = self.post_quant_conv(quant_pix.astype(self.dtype))
         rec, inter = self.decoder(post, return_intermediates=True)
-        if self.cfg.get("pixel_image_size"):
-            rec = bicubic_resize(rec, self.cfg["image_size"])
+        if self.config.get("pixel_image_size"):
+            rec = bicubic_resize(rec, self.config["image_size"])
         out = {"post_quant": post, "decoder_last_input": inter.pop("last_input")}
         out.update({f"pix_dec_{k}": v for k, v in inter.items()})
         return rec, out
@@ -561,6 +563,11 @@ class TokenFlow(nnx.Module):
         saux.update(paux)
         return sem_rec, pix_rec, saux
 
+    @property
+    def cfg(self) -> dict:
+        """The normalised config as a plain nested dict (official naming; what `normalize_config` returns)."""
+        return normalize_config(self.config)
+
     # -- the Tokenizer interface (models/tokenizer.py) -------------------------------------------------------
     takes_text = False  # no text tower: the semantic branch is distilled from a frozen teacher instead
     has_clip_head = False
@@ -572,7 +579,7 @@ class TokenFlow(nnx.Module):
 
     @property
     def code_layout(self) -> tuple[int, int]:
-        return 1, int(self.cfg["quantizer"]["codebook_size"])  # one index space shared by both halves
+        return 1, int(self.config["quantizer"]["codebook_size"])  # one index space shared by both halves
 
     def codes(self, aux) -> jax.Array:
         return aux["indices"][:, None, :]  # [b, tokens of all scales] -> [b, 1, tokens]
