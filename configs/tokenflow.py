@@ -19,6 +19,9 @@ no adaptive weight; scale drop 0.1.
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import ml_collections
 
 from unitok_jax.config_lib import parse_variant
@@ -33,13 +36,19 @@ _MODEL_AND_RECIPE = {
 }
 
 
+def _sibling_config(name: str):
+    """configs/<name>.py as a module. Config files are loaded by path (ml_collections' config_flags), so a sibling
+    is loaded by path too, without putting the configs folder on sys.path for the whole process."""
+    path = pathlib.Path(__file__).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"unitok_jax_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = parse_variant(arg, VARIANTS, default="tiny")
-    import sys
-    import os
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import unitok as unitok_configs
+    unitok_configs = _sibling_config("unitok")
     from unitok_jax.models.tokenflow import TOKENFLOW_TRAIN_RECIPES, tokenflow_model_config
 
     # Start from the UniTok config so every trainer field exists with the same meaning, then override.

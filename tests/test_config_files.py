@@ -1,0 +1,34 @@
+"""Every config file and variant loads the way `--config=configs/<file>.py:<variant>` loads it (by path), passes
+the trainer's validation (up to weight files a user must supply), and leaves sys.path alone (config files are data, not path hacks)."""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+from unitok_jax.config_lib import ConfigError
+from unitok_jax.train.validation import validate_config
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"test_config_{name}", CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["unitok", "tokenflow"])
+def test_every_variant_loads_and_validates(name):
+    before = list(sys.path)
+    module = _load(name)
+    for variant in module.VARIANTS:
+        config = module.get_config(variant)
+        assert config.variant == variant
+        try:
+            validate_config(config)
+        except ConfigError as e:  # large variants name weight files that only a user can supply
+            assert "_path" in str(e).split(":")[0], (variant, str(e))
+    assert sys.path == before
