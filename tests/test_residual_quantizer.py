@@ -236,17 +236,21 @@ def test_rq_is_a_drop_in_for_unitok_mcq():
     assert jax.jit(rq.encode)(z).shape == jax.jit(mcq.encode)(z).shape
 
 
-@pytest.mark.slow
 def test_unitok_quantizer_type_switch_builds_the_rq_ablation():
     """`model.quantizer.type='rq'` is the paper's MCQ-vs-RQ ablation in one switch: same code width/count, trains
     (gradients reach the RQ codebooks and the encoder), decodes from indices; the official export refuses it."""
     from unitok_jax.convert.official import to_official_state_dict
+    from unitok_jax.models.tokenflow import numpy_fill_
     from unitok_jax.models.unitok import UniTok, model_config
 
     cfg = model_config("tiny")
     k, K, d = cfg.quantizer.num_codebooks, cfg.quantizer.codebook_size, cfg.quantizer.codebook_dim
     cfg.quantizer.type = "rq"
-    model = UniTok(cfg, rngs=nnx.Rngs(0))
+    # Built shape-only and filled from numpy, then one jitted program: eager init and an eager grad compile every
+    # op separately (~100 s on 2 cores for the same checks).
+    model = numpy_fill_(nnx.eval_shape(lambda: UniTok(cfg, rngs=nnx.Rngs(0))), 0)
+    if model.drop_rngs is not None:  # the shape-only Rngs carries no key
+        model.drop_rngs = nnx.Rngs(dropout=0)
     assert isinstance(model.quantizer, ResidualQuantizer)
     assert model.quantizer.codebooks.shape == (k, K, k * d)  # k stages over the whole k*d latent
     images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, cfg.image_size, cfg.image_size, 3)), jnp.float32)
@@ -255,18 +259,23 @@ def test_unitok_quantizer_type_switch_builds_the_rq_ablation():
         rec, aux = m(images)
         return jnp.mean(jnp.square(rec - images)) + aux["vq_loss"], aux
 
-    grads, aux = nnx.grad(loss_fn, has_aux=True)(model)
+    @nnx.jit
+    def run(m):
+        grads, aux = nnx.grad(loss_fn, has_aux=True)(m)
+        idx = m.img_to_idx(images)
+        from_indices = m.idx_to_img(aux["indices"])
+        from_latent = m.decode_latent(m.quantizer.lookup(aux["indices"]))
+        return grads, aux, idx, from_indices, from_latent
+
+    grads, aux, idx, from_indices, rec_from_latent = run(model)
     n = (cfg.image_size // 16) ** 2
     assert aux["indices"].shape == (2, k, n) and aux["codebook_counts"].shape == (k, K)
     assert float(jnp.sum(jnp.abs(grads["quantizer"]["codebooks"][...]))) > 0
     assert float(jnp.sum(jnp.abs(jax.tree.leaves(grads["encoder"])[0]))) > 0
-    np.testing.assert_array_equal(np.asarray(model.img_to_idx(images)), np.asarray(aux["indices"]))
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(aux["indices"]))
     # Decoding the indices = decoding the quantized latent (the sum of the k stage codes).
     np.testing.assert_allclose(
-        np.asarray(model.idx_to_img(aux["indices"])),
-        np.clip(np.asarray(rec_from_latent := model.decode_latent(model.quantizer.lookup(aux["indices"]))), -1, 1),
-        rtol=1e-5,
-        atol=1e-5,
+        np.asarray(from_indices), np.clip(np.asarray(rec_from_latent), -1, 1), rtol=1e-5, atol=1e-5
     )
     assert rec_from_latent.shape == images.shape
     with pytest.raises(ValueError, match="official UniTok layout only has the multi-codebook"):
