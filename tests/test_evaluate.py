@@ -22,6 +22,8 @@ from unitok_jax.load import load_tokenizer
 from unitok_jax.train import checkpointing
 from unitok_jax.train.periodic_evals import run_periodic_evals
 
+pytestmark = pytest.mark.slow  # a demo checkpoint and every eval end to end (CLI, periodic hook)
+
 NUM_EVAL = 16
 
 

@@ -100,6 +100,7 @@ def test_outputs_losses_and_decode_from_indices():
     np.testing.assert_allclose(jax.jit(m.indices_to_quant)(jnp.asarray(aux["indices"])), f, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_random_scale_drop_masks_one_scale():
     m = _msrq(scale_drop_prob=1.0)
     h = _smooth_map()

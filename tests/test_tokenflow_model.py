@@ -350,6 +350,7 @@ def test_fsdp_shards_almost_all_parameter_bytes():
     assert shd.replicated_fraction(params, shardings) < 0.02
 
 
+@pytest.mark.slow
 def test_sharded_forward_equals_unsharded(micro, micro_out):
     from unitok_jax.parallel import sharding as shd
 

@@ -79,7 +79,7 @@ def _run_case(model, images, sem_target, grad_paths):
     }
 
 
-@pytest.fixture(scope="module", params=["base", "interp"])
+@pytest.fixture(scope="module", params=["base", pytest.param("interp", marks=pytest.mark.slow)])  # interp: CI only
 def case(request, fx):
     arrays, meta, sd = fx
     name = request.param

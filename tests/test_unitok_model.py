@@ -130,6 +130,7 @@ def test_logit_scale_is_clamped(fp32_run):
     assert model.last_decoder_conv is model.decoder.up_conv4.conv2
 
 
+@pytest.mark.slow
 def test_bfloat16_compute(fx, fp32_run):
     cfg, sd, _, images, ids = fx
     model = load_unitok(sd, cfg, dtype="bfloat16")
@@ -204,6 +205,7 @@ def test_drop_path_plumbing(fx):
     assert rec.shape == images.shape
 
 
+@pytest.mark.slow
 def test_clip_features_match_the_full_forward_with_drop_path(fx):
     """UniTok.clip_features (full-batch accumulation's first pass) draws the same drop-path masks as __call__."""
     cfg, sd, _, images, ids = fx
@@ -305,6 +307,7 @@ def test_registry():
     assert isinstance(model, UniTok)
 
 
+@pytest.mark.slow
 def test_fsdp_sharded_forward_equals_unsharded(fx, fp32_run):
     """Params sharded by their logical axes on a (data=2, fsdp=4) mesh of fake CPU devices; same outputs."""
     from jax.sharding import NamedSharding, PartitionSpec as P

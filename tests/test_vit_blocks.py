@@ -90,6 +90,7 @@ def test_scan_equals_loop_and_params_are_stacked():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_gives_same_gradients():
     """Loop and scan, each without remat, with 'full' and with 'dots_saveable': six stacks, same weights."""
     variants = {remat: _stacks(remat=remat) for remat in ("none", "full", "dots_saveable")}
