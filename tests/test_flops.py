@@ -111,7 +111,7 @@ def test_tiny_train_step_matches_xla_cost_analysis():
 def _tokenflow_configs():
     from test_convert_tokenflow import SIGLIP_MICRO
     from test_tokenflow_vitamin import MICRO as VITAMIN_MICRO
-    from unitok_jax.models.tokenflow import tokenflow_model_config
+    from unitok_jax.models.tokenflow_config import tokenflow_model_config
 
     return {"clip_tiny": tokenflow_model_config("tiny"), "siglip_micro": SIGLIP_MICRO, "vitamin_micro": VITAMIN_MICRO}
 

@@ -241,7 +241,7 @@ def test_unitok_quantizer_type_switch_builds_the_rq_ablation():
     """`model.quantizer.type='rq'` is the paper's MCQ-vs-RQ ablation in one switch: same code width/count, trains
     (gradients reach the RQ codebooks and the encoder), decodes from indices; the official export refuses it."""
     from unitok_jax.convert.official import to_official_state_dict
-    from unitok_jax.models.tokenflow import numpy_fill_
+    from unitok_jax.models.init_keys import numpy_fill_
     from unitok_jax.models.unitok import UniTok, model_config
 
     cfg = model_config("tiny")

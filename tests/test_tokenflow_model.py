@@ -12,20 +12,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import train_helpers  # noqa: F401  (puts the repository root on sys.path: configs/)
 import unitok_jax  # noqa: F401
 from unitok_jax.convert.tokenflow import load_teacher, tokenflow_key_map
 from unitok_jax.losses.distillation import cosine_distillation_loss
 from unitok_jax.models.bicubic import area_matrix, area_resize, bicubic_matrix, bicubic_resize, interpolate_pos_table
 from unitok_jax.models.clip_vit import CLIPViT, ViTConfig
-from unitok_jax.models.tokenflow import (
-    TOKENFLOW_TRAIN_RECIPES,
-    ShapeOnlyRngs,
-    abstract_tokenflow,
-    normalize_config,
-    numpy_fill_,
-    random_tokenflow,
-    tokenflow_model_config,
-)
+from configs.tokenflow import TOKENFLOW_TRAIN_RECIPES
+from unitok_jax.models.init_keys import ShapeOnlyRngs, numpy_fill_
+from unitok_jax.models.tokenflow import abstract_tokenflow, random_tokenflow
+from unitok_jax.models.tokenflow_config import normalize_config, tokenflow_model_config
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

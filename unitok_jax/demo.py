@@ -16,7 +16,7 @@ from flax import nnx
 from unitok_jax import paths
 from unitok_jax.evals.config import default_eval_config
 from unitok_jax.load import abstract_model, concrete_rest
-from unitok_jax.models.tokenflow import numpy_fill_
+from unitok_jax.models.init_keys import numpy_fill_
 from unitok_jax.train import checkpointing, optimizers, trainer
 from unitok_jax.train.state import TrainState, initial_counters
 
@@ -85,7 +85,7 @@ def create_demo_checkpoint(
 
 
 def random_model(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
-    """A tokenizer of `config.model` with random params filled from a host numpy RNG (`tokenflow.numpy_fill_`:
+    """A tokenizer of `config.model` with random params filled from a host numpy RNG (`init_keys.numpy_fill_`:
     N(0, 1/fan_in) kernels, ...; not the training init). About a second on a CPU, where `nnx` init compiles one
     kernel per random op (a minute for the tiny model on 2 cores)."""
     model = numpy_fill_(abstract_model(config), seed)

@@ -26,15 +26,9 @@ from unitok_jax.convert.official import official_param_name
 from unitok_jax.torch_io import load_state_dict
 from unitok_jax.models.clip_vit import CLIPViT
 from unitok_jax.models.vitamin_semantic import ViTaminSemantic
-from unitok_jax.models.tokenflow import (
-    ShapeOnlyRngs,
-    Teacher,
-    TokenFlow,
-    abstract_tokenflow,
-    normalize_config,
-    numpy_fill_,
-    semantic_vit,
-)
+from unitok_jax.models.init_keys import ShapeOnlyRngs, numpy_fill_
+from unitok_jax.models.tokenflow import Teacher, TokenFlow, abstract_tokenflow, semantic_vit
+from unitok_jax.models.tokenflow_config import normalize_config
 
 log = logging.getLogger(__name__)
 

@@ -115,7 +115,7 @@ def tokenflow_forward_flops(
     model_cfg, image_size: int | None = None, *, include_attention: bool = True
 ) -> dict[str, float]:
     """Forward FLOPs of one image through each part of TokenFlow ('teacher' is the frozen distillation target)."""
-    from unitok_jax.models.tokenflow import normalize_config
+    from unitok_jax.models.tokenflow_config import normalize_config
 
     cfg = normalize_config(_plain(model_cfg))
     s = int(image_size or cfg["image_size"])
