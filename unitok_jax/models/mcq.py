@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 from unitok_jax.models import layers as L
@@ -75,7 +76,7 @@ class MultiCodebookQuantizer(nnx.Module):
         k, d = self.num_codebooks, self.codebook_dim
         if c != k * d:
             raise ValueError(f"quantizer input has {c} channels, expected num_codebooks*codebook_dim = {k}*{d}")
-        return z.astype(jnp.float32).reshape(b * n, k, d).transpose(1, 0, 2)
+        return rearrange(z.astype(jnp.float32), "b n (k d) -> k (b n) d", k=k)
 
     def _assign(self, zk, cn):
         """One codebook: zk (m, d) raw chunk, cn (K, d) normalised rows → (idx (m,), q (m, d), ẑ (m, d), counts (K,))."""
@@ -100,8 +101,7 @@ class MultiCodebookQuantizer(nnx.Module):
         aux: indices (b, k, n) int32, loss scalar, loss_per_codebook (k,), counts (k, K), usage (k,) fraction,
         perplexity (k,), z_normalized (b, n, k·d), quant_lookup (b, n, k·d) (pure codebook rows).
         """
-        b, n, _ = z.shape
-        k = self.num_codebooks
+        b = z.shape[0]
         idx, q, zn, counts = self._assign_all(z)  # (k, m), (k, m, d), (k, m, d), (k, K)
         loss_k = self.beta * jnp.mean(jnp.square(sg(q) - zn), axis=(1, 2)) + jnp.mean(
             jnp.square(q - sg(zn)), axis=(1, 2)
@@ -109,11 +109,11 @@ class MultiCodebookQuantizer(nnx.Module):
         out = zn + sg(q - zn)  # straight-through: value q, gradient to ẑ
 
         def merge(t):  # (k, b·n, d) → (b, n, k·d), codebook j ↔ channels j·d … (j+1)·d
-            return t.transpose(1, 0, 2).reshape(b, n, -1)
+            return rearrange(t, "k (b n) d -> b n (k d)", b=b)
 
         usage, perplexity = usage_stats(counts)
         aux = {
-            "indices": idx.reshape(k, b, n).transpose(1, 0, 2),
+            "indices": rearrange(idx, "k (b n) -> b k n", b=b),
             "loss": jnp.mean(loss_k),
             "loss_per_codebook": loss_k,
             "counts": counts,
@@ -128,7 +128,7 @@ class MultiCodebookQuantizer(nnx.Module):
         """z (b, n, k·d) → indices (b, k, n) int32 (no loss, no STE)."""
         b, n, _ = z.shape
         idx, _, _, _ = self._assign_all(sg(z))
-        return idx.reshape(self.num_codebooks, b, n).transpose(1, 0, 2)
+        return rearrange(idx, "k (b n) -> b k n", b=b)
 
     def lookup(self, indices: jax.Array) -> jax.Array:
         """indices (b, k, n) → code vectors (b, n, k·d) (normalised rows concatenated in codebook order)."""
@@ -137,4 +137,4 @@ class MultiCodebookQuantizer(nnx.Module):
             raise ValueError(f"indices have {k} codebooks on axis 1, expected {self.num_codebooks}")
         cb = self.normalized_codebooks()  # (k, K, d)
         q = cb[jnp.arange(k)[None, :, None], indices]  # (b, k, n, d)
-        return q.transpose(0, 2, 1, 3).reshape(b, n, k * self.codebook_dim)
+        return rearrange(q, "b k n d -> b n (k d)")

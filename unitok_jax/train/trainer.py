@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from clu import parameter_overview
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -410,6 +411,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         config.model_name,
         components.param_count / 1e6,
         dict(mesh.shape),
+    )
+    # clu's table (name, shape, dtype, size per parameter) goes to the log, not the console: thousands of rows.
+    logging.info(
+        "generator parameters:\n%s",
+        parameter_overview.get_parameter_overview(
+            nnx.to_pure_dict(components.abstract_state.params), include_stats=False
+        ),
     )
 
     loader = pipeline.make_train_loader(config.data, global_batch_size=config.global_batch_size, seed=config.seed)
