@@ -73,7 +73,7 @@ TOKENFLOW_TRAIN_RECIPES: dict[str, dict] = {
     "clipb_224": dict(_BASE_RECIPE, model="clipb_224", image_size=224, teacher_normalize="clip"),
     "vitamin_xlarge_256": dict(_BASE_RECIPE, model="vitamin_xlarge_256", image_size=256, teacher_normalize="clip"),
     "siglip_384": dict(_BASE_RECIPE, model="siglip_384", image_size=384, teacher_normalize="siglip"),
-    # Stage 3 (scripts/train_vq_finetune_enhanced_decoder.sh, spec §4.3): only `decoder.*` trains (Adam over the
+    # Stage 3 (scripts/train_vq_finetune_enhanced_decoder.sh): only `decoder.*` trains (Adam over the
     # pixel decoder), the enhanced decoder starts from random init, everything else frozen, model in train mode
     # (scale drop still on), GAN active from the first step (steps restored > 20000; reset steps explicitly).
     "clipb_224_enhanced_decoder_finetune": dict(

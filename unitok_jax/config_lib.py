@@ -53,12 +53,6 @@ def check(condition: bool, field: str, problem: str, fix: str) -> None:
         raise ConfigError(field, problem, fix)
 
 
-def check_choice(config: ml_collections.ConfigDict, field: str, available: Iterable[str]) -> None:
-    value = lookup(config, field)
-    available = sorted(available)
-    check(value in available, field, f"unknown name {value!r}", f"use one of {available}")
-
-
 def check_divisible(numerator: int, denominator: int, field: str, what: str, fix: str) -> None:
     check(
         denominator > 0 and numerator % denominator == 0,

@@ -26,7 +26,6 @@ import re
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 from etils import epath
@@ -292,10 +291,3 @@ def check_writable(p: PathLike) -> None:
         if probe is not None:
             with contextlib.suppress(Exception):
                 probe.unlink()
-
-
-def walk_files(p: PathLike) -> Iterator[str]:
-    """Every file below directory ``p`` (recursive), as paths."""
-    for root, _, files in path(p).walk():
-        for name in files:
-            yield os.fspath(root / name)

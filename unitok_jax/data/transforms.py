@@ -164,17 +164,6 @@ def to_float(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def train_transform(
-    data: bytes,
-    size: int,
-    rng: np.random.Generator,
-    scale: tuple[float, float] = OPEN_CLIP_SCALE,
-    ratio: tuple[float, float] = OPEN_CLIP_RATIO,
-) -> np.ndarray:
-    """Encoded bytes -> float32 [size, size, 3] in [-1, 1] with an open_clip random resized crop."""
-    return to_float(random_resized_crop(decode_image(data), size, rng, scale, ratio))
-
-
 def eval_transform(data: bytes, size: int) -> np.ndarray:
     """Encoded bytes -> float32 [size, size, 3] in [-1, 1], shorter-side resize + center crop."""
     return to_float(resize_center_crop(decode_image(data), size))

@@ -41,7 +41,7 @@ from flax import nnx
 from unitok_jax import paths
 from unitok_jax.data import pipeline
 from unitok_jax.evals import eval_networks, local_rows
-from unitok_jax.evals.accumulators import FidAccumulator, ReconAccumulator, ZeroShotAccumulator
+from unitok_jax.evals.accumulators import Accumulator, FidAccumulator, ReconAccumulator, ZeroShotAccumulator
 from unitok_jax.evals.config import EVAL_NAMES, data_config_for, eval_batch_size, eval_config, limited, parse_names
 from unitok_jax.evals.forward import forward_fn, params_mesh, split_model
 from unitok_jax.evals.zeroshot_setup import build_zero_shot
@@ -109,7 +109,7 @@ def run_evals(
             report[f"{name}/skipped"] = f"error: {type(e).__name__}: {e}"
             return None
 
-    main_accs: dict[str, Any] = {}
+    main_accs: dict[str, Accumulator] = {}
     extra_pass = None
     lpips_graphdef = lpips_state = None
     if "recon" in names:

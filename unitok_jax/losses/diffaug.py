@@ -1,6 +1,6 @@
 """DiffAugment for the GAN discriminator (UniTok's `utils/diffaug.py`, from StyleGAN-T), as pure jit-able functions.
 
-`diff_augment(images, key, ...)` applies, in this order (spec §3):
+`diff_augment(images, key, ...)` applies, in this order:
   1. optional Gaussian blur (warm-up): separable kernel exp2(-(t/sigma)^2) over t in [-floor(3 sigma), floor(3 sigma)],
      normalised to sum 1, reflect padding; skipped when floor(3 sigma) < 1;
   2. integer translation: per sample dy, dx = floor(U * (2 d + 1)) - d with d = round(ratio * size), zero fill;

@@ -19,7 +19,6 @@ class token, no positional table) and lives in `unitok_jax.models.vitamin_semant
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
 import jax
@@ -213,7 +212,3 @@ class TaskLayer(nnx.Module):
 
     def __call__(self, x):
         return self.fc2(jnp.tanh(self.fc0(x)))
-
-
-def grid_size(image_size: int, patch_size: int) -> int:
-    return int(math.floor(image_size / patch_size))

@@ -1,6 +1,6 @@
 """UniTok's GAN discriminator: frozen DINOv2 features at a few depths, one small trainable Conv1d head per depth.
 
-Follows `models/discrim.py` (spec §3, §9.13). Forward on NHWC images in [-1, 1]:
+Follows `models/discrim.py`. Forward on NHWC images in [-1, 1]:
   1. ImageNet normalisation in fp32: x * 0.5 / std + (0.5 - mean) / std.
   2. Size to a multiple of the patch size S = (H // p) * p: if H > S and W > S, a coin flip per call (probability 1/2
      each, from the `rngs_or_key` argument) between one random S x S crop for the whole batch (torchvision RandomCrop)

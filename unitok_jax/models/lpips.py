@@ -1,6 +1,6 @@
 """LPIPS perceptual distance (VGG-16 variant used by UniTok) in Flax NNX; it does not train or download weights.
 
-Mirrors UniTok's `utils/lpips.py` (spec §3, fixtures README §4), NHWC throughout:
+Mirrors UniTok's `utils/lpips.py` (fixtures README §4), NHWC throughout:
 
   x in [-1, 1]  ->  (x - shift) * scale_inv
                 ->  VGG-16 `features` cut after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3

@@ -318,14 +318,6 @@ class TokenFlow(nnx.Module):
         return jnp.clip(pix_rec, -1.0, 1.0)
 
 
-def create_tokenflow(cfg: Mapping[str, Any] | str, seed: int = 0) -> TokenFlow:
-    """Random-init TokenFlow (official initializers) with the whole initialisation compiled as one program
-    (eager init dispatches and compiles every initializer separately). On CPU the threefry-heavy init program
-    itself takes ~15-40 s to compile; tests use `random_tokenflow` instead."""
-    cfg = normalize_config(cfg)
-    return nnx.jit(lambda: TokenFlow(cfg, rngs=nnx.Rngs(seed)))()
-
-
 def abstract_tokenflow(cfg: Mapping[str, Any] | str) -> TokenFlow:
     """A TokenFlow whose params are ShapeDtypeStructs (no init compute); fill them with the converter or
     `numpy_fill_`."""

@@ -84,7 +84,7 @@ _SIGLIP_SO400M = {
     "mlp_dim": 4304,
     "output_layer": -2,
 }
-# timm `vitamin_xlarge_256` with head/fc_norm deleted (spec §2.2): `norm` is Identity, no positional table.
+# timm `vitamin_xlarge_256` with head/fc_norm deleted: `norm` is Identity, no positional table.
 _VITAMIN_XL = {
     "kind": "vitamin",
     "input_resolution": 256,
@@ -111,7 +111,7 @@ _QUANT = {"codebook_size": 32768, "semantic_dim": 32, "pixel_dim": 8, "w_dis": 1
 
 def _semantic_heads(width: int, teacher_dim: int) -> dict:
     """encode_task_layer (width -> 32), BEiT semantic decoder (3 blocks, 12 heads) and decode_task_layer
-    (width -> teacher_dim): the same structure for every semantic tower (spec §2.3, §4.1)."""
+    (width -> teacher_dim): the same structure for every semantic tower."""
     return {
         "encode_task_layer": {"hidden": width, "out": 32, "act": "tanh"},
         "semantic_decoder": {"embed_dim": width, "depth": 3, "heads": 12, "mlp_ratio": 4, "out_dim": teacher_dim},
@@ -120,7 +120,7 @@ def _semantic_heads(width: int, teacher_dim: int) -> dict:
 
 
 _CLIPB_224 = {
-    # tokenflow/tokenizer/vq_model.py:113-161 (teacher 'clipb_224'), spec §1-§4.
+    # tokenflow/tokenizer/vq_model.py:113-161 (teacher 'clipb_224')
     "teacher_branch": "clipb_224",
     "image_size": 224,
     "scales": [1, 2, 4, 6, 8, 10, 12, 14],

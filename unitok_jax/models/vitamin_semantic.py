@@ -1,4 +1,4 @@
-"""ViTamin as TokenFlow's semantic encoder (the paper's `vitamin_xlarge_256` variant, spec §2.2).
+"""ViTamin as TokenFlow's semantic encoder (the paper's `vitamin_xlarge_256` variant).
 
 timm's `vitamin_xlarge_256` with `head` and `fc_norm` deleted is UniTok's hybrid ViTamin encoder
 (`unitok_jax.models.vitamin`) at XL size: conv stem 192 → MbConv stages (192, 384) × (2, 4) → strided conv to

@@ -1,7 +1,8 @@
 """The vocabulary of logical axis names used by models. Mesh axes are chosen only in configs.
 
-Models annotate every parameter (and the main activations) with these names; `parallel.sharding`
-maps them to the mesh axes (data, fsdp, tensor) with the rules in `config.mesh.rules`.
+Models annotate every parameter with these names; `parallel.sharding` maps them to the mesh axes (data, fsdp,
+tensor) with the rules in `config.mesh.rules`. Activations are not annotated: batches get their shardings from the
+train step's explicit in/out shardings (BATCH and SEQ name those axes in the rule tables).
 """
 
 BATCH = "batch"  # examples

@@ -316,9 +316,6 @@ class Checkpointer:
             multihost_utils.sync_global_devices("unitok_jax_checkpoint_move_aside")
         self.manager.reload()
 
-    def restore_config(self, step: int) -> dict:
-        return paths.read_json(paths.join(self.directory, str(step), "config", "metadata"))
-
     def wait(self):
         """Blocks until pending async saves are committed; CheckpointSaveError if one failed."""
         try:

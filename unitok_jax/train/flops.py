@@ -17,7 +17,7 @@ The adaptive GAN weight needs d(L_nll)/d(rec) and d(L_gan)/d(rec), which the mai
 (an optimal implementation shares them; XLA CSEs the repeated forwards), so it adds nothing here; XLA's own count
 of the GAN step is therefore somewhat higher than this one.
 
-Validated (tests/test_flops.py) against the official model's FlopCounterMode numbers (spec §1.9: ViTamin-L encoder
+Validated (tests/test_flops.py) against the official model's FlopCounterMode numbers (ViTamin-L encoder
 189, decoder 504, text tower 13 GFLOP per image; FlopCounterMode did not count the attention products there,
 hence `include_attention=False` to compare) and against XLA's `cost_analysis()` of the compiled tiny step.
 

@@ -4,7 +4,7 @@ first matching rule. Used for weight-decay masks, freezing and learning-rate mul
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 
@@ -25,10 +25,6 @@ def path_string(path) -> str:
     return "/".join(parts)
 
 
-def param_paths(params) -> list[str]:
-    return [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
 def match_groups(params, rules: Sequence[tuple[str, Any]]) -> Any:
     """Tree of the same structure as `params` holding, per leaf, the value of the first rule whose regex matches
     (re.search) the leaf path. Raises with the unmatched paths if a parameter matches no rule."""
@@ -47,11 +43,3 @@ def match_groups(params, rules: Sequence[tuple[str, Any]]) -> Any:
     if unmatched:
         raise ValueError(f"parameters not covered by any group rule (add a catch-all '.*' rule): {unmatched[:10]}")
     return tree
-
-
-def group_summary(params, labels) -> Mapping[str, int]:
-    """Number of parameters per group label (for logging at start-up)."""
-    counts: dict[str, int] = {}
-    for leaf, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels)):
-        counts[label] = counts.get(label, 0) + int(leaf.size)
-    return counts

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 from typing import Any, Callable
 
 import jax
@@ -59,11 +58,6 @@ class StepContext:
     diffaug: Callable[..., jax.Array] | None = None
     model_takes_text: bool = True  # the model's `takes_text` (models/tokenizer.py), known before tracing
     teacher_graphdef: Any = None  # TokenFlow's frozen semantic teacher (state in frozen['teacher'])
-
-
-def _tree_all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return functools.reduce(operator.and_, leaves, jnp.array(True))
 
 
 def _select(pred: jax.Array, new, old):
