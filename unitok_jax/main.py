@@ -19,8 +19,49 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/unitok.py:tiny", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images (resumed if it exists).")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    "auto",
+    "Persistent XLA compilation cache: 'auto' ($JAX_COMPILATION_CACHE_DIR if set, else "
+    "$UNITOK_JAX_CACHE/xla or ~/.cache/unitok_jax/xla for single-process runs), 'none', or a directory.",
+)
 distributed.define_flags(flags)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def compilation_cache_dir(flag: str, environ, process_count: int) -> str | None:
+    """Where compiled programs persist, so a rerun or a resumed run skips the minutes of compilation.
+
+    'auto' is off for multi-process runs unless the launcher exported JAX_COMPILATION_CACHE_DIR (launch/ puts it in
+    the workdir): on multi-process CPU only process 0 writes entries, the others then compile while it waits, and
+    gloo's 30 s rendezvous deadline fails (launch/local_cpu_rehearsal.sh).
+    """
+    if flag == "none":
+        return None
+    if flag != "auto":
+        return flag
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return environ["JAX_COMPILATION_CACHE_DIR"]
+    if process_count > 1:
+        return None
+    root = environ.get("UNITOK_JAX_CACHE") or "~/.cache/unitok_jax"
+    return f"{root.rstrip('/')}/xla"
+
+
+def _configure_compilation_cache() -> None:
+    import os
+
+    import jax
+
+    from unitok_jax import paths
+
+    directory = compilation_cache_dir(_COMPILATION_CACHE.value, os.environ, jax.process_count())
+    if directory is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    directory = paths.resolve(directory)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    logging.info("persistent compilation cache: %s", directory)
 
 
 def main(argv):
@@ -28,6 +69,7 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:  # Orbax/Grain log every save at INFO; keep the console readable
         logging.set_verbosity(logging.WARNING)
     distributed.initialize_from_flags(flags.FLAGS)
+    _configure_compilation_cache()
     from unitok_jax.train import trainer
 
     from unitok_jax import config_lib
