@@ -149,22 +149,27 @@ class ProgressLine:
         "train/codebook/usage",
     )
 
-    def __init__(self, total_steps: int, start_step: int):
+    def __init__(self, total_steps: int, start_step: int, clock=time.time):
         self.total_steps = total_steps
         self.start_step = start_step
-        self.start_time = time.time()
+        self.clock = clock
+        self.first: tuple[float, int] | None = None  # (time, step) of the first line
 
     def format(self, step: int, scalars: Mapping[str, float]) -> str:
-        elapsed = time.time() - self.start_time
-        done = max(step - self.start_step, 1)
-        eta = elapsed / done * (self.total_steps - step)
+        # The ETA is timed from the first logged step on: the first step also pays one-off costs (the first
+        # execution, the input pipeline's warm-up), which would inflate it for the whole run.
+        now = self.clock()
+        if self.first is None:
+            self.first = (now, step)
+        first_time, first_step = self.first
+        eta = (now - first_time) / (step - first_step) * (self.total_steps - step) if step > first_step else None
         parts = [f"step {step}/{self.total_steps}"]
         for key in self.KEYS:
             if key in scalars:
                 parts.append(f"{key.split('/')[-1]}={float(scalars[key]):.4f}")
         if "perf/images_per_sec" in scalars:
             parts.append(f"img/s={float(scalars['perf/images_per_sec']):.1f}")
-        parts.append(f"eta={_hms(eta)}")
+        parts.append(f"eta={_hms(eta) if eta is not None else '…'}")
         return " | ".join(parts)
 
 

@@ -694,6 +694,7 @@ def compile_train_steps(components: Components, config, state, frozen, batch, st
     compiled = {}
     for gan_active in _step_variants(components, start_step, int(config.total_steps)):
         name = "GAN step" if gan_active else "step without GAN"
+        _console(f"compiling the {name} (cached programs load in seconds; a first compile can take minutes on a CPU)")
         t0 = time.time()
         compiled[gan_active] = jitted[gan_active].lower(state, frozen, batch).compile()
         seconds = time.time() - t0
@@ -754,6 +755,7 @@ def _restore_or_init(config, components: Components, checkpointer, abstract, dat
         if state is None:
             raise checkpointing.RestoreError(f"config.resume_from={config.resume_from!r} holds no readable checkpoint")
         return state, int(step), f"resumed from {config.resume_from} at step {step}"
+    _console("initialising the model (born sharded; its program compiles on a first run)")
     with jax.set_mesh(components.mesh):
         state = components.init_state()
     if config.init_from:

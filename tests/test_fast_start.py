@@ -1,4 +1,4 @@
-"""The training entry point keeps compiled programs in a persistent cache by default (single process), so a rerun
+"""Fast start: the training entry point keeps compiled programs in a persistent cache by default (single process), so a rerun
 or a resumed run does not compile for minutes again; 'none' turns it off; multi-process runs use the launcher's."""
 
 import os
@@ -47,3 +47,17 @@ def test_a_run_fills_the_default_cache(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     entries = os.listdir(tmp_path / "cache" / "xla")
     assert entries, "no compiled program was written to the default cache"
+
+
+def test_eta_is_timed_from_the_first_logged_step():
+    """A slow first step (one-off costs) must not inflate the ETA: 2 h 08 min was predicted at step 1 of a 20-step
+    run before; the rate now comes from the steps after the first line."""
+    from unitok_jax.train.metric_writers import ProgressLine
+
+    times = iter([100.0, 140.0])  # the first line at t=100 (after a slow first step), the last 20 steps later
+    line = ProgressLine(total_steps=21, start_step=0, clock=lambda: next(times))
+    assert line.format(1, {}).endswith("eta=…")
+    assert line.format(21, {}).endswith("eta=0:00:00")  # the last step
+    line = ProgressLine(total_steps=1000, start_step=0, clock=iter([10.0, 12.0]).__next__)
+    line.format(1, {})
+    assert line.format(2, {}).endswith("eta=0:33:16")  # 2 s per step x 998 steps
