@@ -32,3 +32,20 @@ def test_every_variant_loads_and_validates(name):
         except ConfigError as e:  # large variants name weight files that only a user can supply
             assert "_path" in str(e).split(":")[0], (variant, str(e))
     assert sys.path == before
+
+
+def test_a_typo_in_the_variant_names_the_variants():
+    """ml_collections re-raises config-file errors as type(e)(message); ConfigError keeps the message (it used to
+    fail with 'ConfigError.__init__() missing 2 required positional arguments')."""
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-m", "unitok_jax.main", "--config=configs/unitok.py:tinyy", "--workdir=/nonexistent/x"],
+        cwd=str(CONFIGS.parent),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "unknown variant 'tinyy'" in result.stderr and "use one of ['tiny'" in result.stderr
+    assert "missing 2 required positional arguments" not in result.stderr

@@ -15,7 +15,11 @@ from unitok_jax import paths
 class ConfigError(ValueError):
     """A config field is invalid. The message names the field and how to fix it."""
 
-    def __init__(self, field: str, problem: str, fix: str):
+    def __init__(self, field: str, problem: str | None = None, fix: str | None = None):
+        if problem is None:  # one finished message: ml_collections re-raises errors as type(e)(message)
+            super().__init__(field)
+            self.field = ""
+            return
         super().__init__(f"config.{field}: {problem}. Fix: {fix}")
         self.field = field
 
