@@ -103,3 +103,13 @@ def test_path_resolution_errors_and_manifests(tmp_path):
         sources.resolve_mixture([{"files": str(tmp_path / "s0*"), "weight": 0}])
     with pytest.raises(ValueError, match="files"):
         sources.resolve_mixture([{"weight": 1}])
+
+
+def test_a_file_that_is_not_array_record_is_named(tmp_path):
+    """ArrayRecord's own error ('should be at least 64KB big') does not say which of the shards is bad."""
+    good = tmp_path / "good.array_record"
+    records.write_array_record(good, [records.encode_record({"id": "a", "image": b"x", "caption": "c", "label": 0})])
+    bad = tmp_path / "notes.array_record"
+    bad.write_text("not an ArrayRecord file")
+    with pytest.raises(ValueError, match=r"notes\.array_record' is not a readable ArrayRecord file"):
+        records.read_array_records(str(tmp_path / "*.array_record"))

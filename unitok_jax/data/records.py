@@ -132,7 +132,22 @@ def read_array_records(paths: str | os.PathLike | Sequence[str | os.PathLike]):
     import grain  # pylint: disable=g-import-not-at-top
 
     files = [_local_shard(f) for f in expand_paths(paths)]
-    return grain.sources.ArrayRecordDataSource(files)
+    try:
+        return grain.sources.ArrayRecordDataSource(files)
+    except Exception as e:  # the reader's message ("... at least 64KB big") does not say which file
+        bad = next((f for f in files if not _readable(f)), None)
+        raise ValueError(
+            f"{bad or files!r} is not a readable ArrayRecord file ({type(e).__name__}: {e}); "
+            "write shards with `python -m unitok_jax.data.ingest` or remove the file from the data glob"
+        ) from e
+
+
+def _readable(path: str) -> bool:
+    try:
+        _array_record_module().ArrayRecordReader(path).close()
+        return True
+    except Exception:  # noqa: BLE001 - any failure to open means unreadable here
+        return False
 
 
 def _local_shard(path: str) -> str:
