@@ -174,3 +174,16 @@ def test_two_processes_match_one(demo, tmp_path):
     assert manifest["num_records"] == 16 and sorted({s["process"] for s in manifest["shards"]}) == [0, 1]
     ids = sorted(r["id"] for r in export_codes.read_codes(str(tmp_path / "codes")))
     assert ids == [f"embedded-eval-{i:07d}" for i in range(16)]
+
+
+def test_loading_a_checkpoint_set_aside_as_damaged_warns(demo, tmp_path, caplog):
+    """A step under `checkpoints.damaged/` loads (for inspection) but says what it is instead of succeeding silently."""
+    import logging
+    import shutil
+
+    _, workdir, _ = demo
+    damaged = tmp_path / "run" / "checkpoints.damaged"
+    shutil.copytree(os.path.join(workdir, "checkpoints", "0"), damaged / "0")
+    with caplog.at_level(logging.WARNING):
+        load_tokenizer(str(damaged / "0"))
+    assert any("'.damaged' directory" in r.getMessage() for r in caplog.records)

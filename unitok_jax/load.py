@@ -78,6 +78,9 @@ def load_run(
     """`load_tokenizer` plus the config the CLIs need for data and eval settings: `config` when given, else the one
     saved with the checkpoint (an official file, or a run saved without one, then needs `config`: ValueError)."""
     path = resolve_checkpoint(checkpoint, workdir)
+    if any(part.endswith(".damaged") for part in path.replace("\\", "/").split("/")):
+        # Training moved this step aside because it failed to restore or was never committed (checkpointing.py).
+        logging.warning("%s is under a '.damaged' directory: training set it aside as unreadable or uncommitted", path)
     if paths.isfile(path):
         if config is None and require_config:
             raise ValueError(f"{path} is an official weight file: pass a config (data and eval settings)")
