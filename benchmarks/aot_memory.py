@@ -25,6 +25,28 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+
+def _set_device_count(n: int) -> None:
+    if "jax" in sys.modules:
+        raise RuntimeError("set the device count before importing jax")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    flag = f"--xla_force_host_platform_device_count={n}"
+    os.environ["XLA_FLAGS"] = " ".join(
+        [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f] + [flag]
+    )
+
+
+if __name__ == "__main__":
+    # The device count must be fixed before JAX initialises, and defining --config below already loads the default
+    # config file (which imports jax): read --num_devices from argv before anything else.
+    _count = 16
+    for _arg in sys.argv[1:]:
+        if _arg.startswith("--num_devices="):
+            _count = int(_arg.split("=", 1)[1])
+    _set_device_count(_count)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/unitok.py:paper", "config file")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 16, "fake CPU devices (set before JAX initialises)")
 _PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 64, "images per device (global batch = this x devices)")
@@ -43,16 +65,6 @@ _ACCUM_MODE = flags.DEFINE_enum(
 _APPEND = flags.DEFINE_string(
     "append_results", "", "append a markdown section to this file (e.g. benchmarks/RESULTS.md)"
 )
-
-
-def _set_device_count(n: int) -> None:
-    if "jax" in sys.modules:
-        raise RuntimeError("set the device count before importing jax")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    flag = f"--xla_force_host_platform_device_count={n}"
-    os.environ["XLA_FLAGS"] = " ".join(
-        [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f] + [flag]
-    )
 
 
 def main(_):
@@ -117,11 +129,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    # The device count must be fixed before JAX initialises: read it from argv ahead of absl.
-    count = 16
-    for arg in sys.argv[1:]:
-        if arg.startswith("--num_devices="):
-            count = int(arg.split("=", 1)[1])
-    _set_device_count(count)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     app.run(main)
