@@ -49,3 +49,14 @@ def test_a_typo_in_the_variant_names_the_variants():
     assert result.returncode != 0
     assert "unknown variant 'tinyy'" in result.stderr and "use one of ['tiny'" in result.stderr
     assert "missing 2 required positional arguments" not in result.stderr
+
+
+def test_every_missing_weight_file_is_named_at_once():
+    """The paper config needs three weight files; a user learns of all three in one start, not one per start."""
+    config = _load("unitok").get_config("paper")
+    with pytest.raises(ConfigError) as error:
+        validate_config(config)
+    message = str(error.value)
+    assert "3 weight files are missing" in message
+    for field in ("data.bpe_path", "loss.lpips_path", "discriminator.dino_path"):
+        assert f"--config.{field}=" in message

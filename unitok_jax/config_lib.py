@@ -67,18 +67,39 @@ def check_divisible(numerator: int, denominator: int, field: str, what: str, fix
 
 
 def check_file(path: str, field: str, what: str) -> None:
-    check(
-        bool(path),
-        field,
-        f"{what} is enabled but no weight file is set",
-        f"set --config.{field}=/path/to/file or disable {what}",
-    )
-    check(
-        paths.exists(path),
-        field,
-        f"{what} weight file {path!r} does not exist",
-        f"point --config.{field} at an existing file or disable {what}",
-    )
+    check_files([(path, field, what)])
+
+
+def check_files(entries: list[tuple[str, str, str]]) -> None:
+    """Weight files (path, field, what needs it), checked together: a config that needs several names every missing
+    one in one error instead of one per start."""
+    problems = []
+    for path, field, what in entries:
+        if not path:
+            problems.append(
+                (
+                    field,
+                    f"{what} is enabled but no weight file is set",
+                    f"set --config.{field}=/path/to/file or disable {what}",
+                )
+            )
+        elif not paths.exists(path):
+            problems.append(
+                (
+                    field,
+                    f"{what} weight file {path!r} does not exist",
+                    f"point --config.{field} at an existing file or disable {what}",
+                )
+            )
+    if len(problems) == 1:
+        raise ConfigError(*problems[0])
+    if problems:
+        raise ConfigError(
+            ", ".join(field for field, _, _ in problems),
+            f"{len(problems)} weight files are missing: "
+            + "; ".join(f"{field}: {problem}" for field, problem, _ in problems),
+            "; ".join(fix for _, _, fix in problems),
+        )
 
 
 Validator = Callable[[ml_collections.ConfigDict], None]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from unitok_jax.config_lib import ConfigError, check, check_divisible, check_file
+from unitok_jax.config_lib import ConfigError, check, check_divisible, check_files
 from unitok_jax.parallel import sharding as shd
 
 _DATA_PARALLEL_AXES = ("data", "fsdp")
@@ -20,6 +20,7 @@ def validate_config(
 ) -> None:
     num_devices = jax.device_count() if num_devices is None else num_devices
     process_count = jax.process_count() if process_count is None else process_count
+    weights: list[tuple[str, str, str]] = []  # (path, field, what needs it): checked together at the end
     for name in (
         "total_steps",
         "ckpt_every_steps",
@@ -101,10 +102,10 @@ def validate_config(
                 "CLIP BPE needs 49408 ids",
                 "set it to 49408",
             )
-            check_file(config.data.bpe_path, "data.bpe_path", "the CLIP BPE tokenizer")
+            weights.append((config.data.bpe_path, "data.bpe_path", "the CLIP BPE tokenizer"))
 
     if config.loss.lpips:
-        check_file(config.loss.lpips_path, "loss.lpips_path", "the LPIPS loss (loss.lpips > 0)")
+        weights.append((config.loss.lpips_path, "loss.lpips_path", "the LPIPS loss (loss.lpips > 0)"))
     for field, what in (
         ("teacher_path", "the frozen TokenFlow teacher"),
         ("semantic_init_path", "the pretrained TokenFlow semantic encoder"),
@@ -116,7 +117,7 @@ def validate_config(
                 f"{field} is set but model_name is {config.model_name!r}",
                 "it applies to TokenFlow only; clear it",
             )
-            check_file(config[field], field, what)
+            weights.append((config[field], field, what))
     if config.loss.gan:
         from unitok_jax.models.discriminators import DISCRIMINATORS
 
@@ -128,7 +129,7 @@ def validate_config(
             f"use one of {sorted(DISCRIMINATORS)}",
         )
         if name == "dino":
-            check_file(config.discriminator.dino_path, "discriminator.dino_path", "the DINOv2 discriminator")
+            weights.append((config.discriminator.dino_path, "discriminator.dino_path", "the DINOv2 discriminator"))
     for field in ("loss.gan_start", "loss.gan_ramp", "optimizer.warmup", "disc_optimizer.warmup"):
         section, key = field.split(".")
         value = float(config[section][key])
@@ -138,3 +139,4 @@ def validate_config(
             f"durations must be >= 0, got {value}",
             "use a fraction (<= 1) of total_steps or a step count",
         )
+    check_files(weights)
