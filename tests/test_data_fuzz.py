@@ -265,3 +265,17 @@ def test_odd_modes_convert_sensibly():
         transforms.decode_image(_huge_png_header(8193, 8193))
     assert transforms.clean_caption(b"\xff ok  \n x") == "\ufffd ok x"
     assert len(transforms.clean_caption("y" * 10**6)) == transforms.MAX_CAPTION_CHARS
+
+
+@pytest.mark.parametrize("poison", [np.inf, -np.inf, np.nan])
+def test_float_images_with_non_finite_pixels_are_skipped_not_blackened(poison):
+    """A 32-bit float TIFF with one inf/nan used to set the rescaling range and decode to a near-black image."""
+    arr = np.linspace(0.0, 1.0, 64 * 64, dtype=np.float32).reshape(64, 64)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "F").save(buf, format="TIFF")
+    assert transforms.decode_image(buf.getvalue()).max() > 200  # a finite float image still decodes, rescaled
+    arr[3, 5] = poison
+    buf = io.BytesIO()
+    Image.fromarray(arr, "F").save(buf, format="TIFF")
+    with pytest.raises(transforms.BadSample, match="non-finite pixels: 1 of 4096"):
+        transforms.decode_image(buf.getvalue())

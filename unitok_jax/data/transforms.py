@@ -44,7 +44,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         # 16/32-bit grayscale: PIL's convert("RGB") clips at 255 instead of rescaling, so rescale by dtype range.
         arr = np.asarray(img)
         if arr.dtype.kind == "f":
-            arr = np.nan_to_num(arr.astype(np.float64))
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            if bad:  # inf/nan would set the rescaling range: the image would come out black or noise, silently
+                raise BadSample("non-finite pixels", f"{bad} of {arr.size} float pixels are inf or nan")
+            arr = arr.astype(np.float64)
             lo, hi = float(arr.min()), float(arr.max())
             arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         else:
