@@ -40,6 +40,8 @@ def test_reconstruct_cli_writes_pairs_and_codes(tmp_path, fixtures_dir):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reconstructed 2 images" in result.stdout
+    # absl INFO lines (e.g. Orbax's per-restore logging) stay out of the console, as in the other CLIs.
+    assert not [line for line in result.stderr.splitlines() if line[:1] == "I" and line[1:5].isdigit()]
     assert sorted(os.listdir(out)) == ["a_recon.png", "b_recon.png", "codes.npz"]
     assert Image.open(out / "a_recon.png").size == (128, 64)
     codes = np.load(out / "codes.npz")["codes"]

@@ -77,6 +77,10 @@ def reconstruct(model, images: np.ndarray, batch_size: int = 8) -> tuple[np.ndar
 
 def main(argv):
     del argv
+    if not FLAGS[
+        "verbosity"
+    ].present:  # Orbax logs every restore at INFO; keep the console to the result, like evaluate
+        logging.set_verbosity(logging.WARNING)
     from unitok_jax.load import load_tokenizer
     from unitok_jax.image_grid import to_uint8
     from PIL import Image
