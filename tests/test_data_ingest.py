@@ -212,3 +212,34 @@ def test_cli(tmp_path):
         check=False,
     )
     assert res.returncode != 0 and "--captions" in res.stderr
+
+
+def test_folder_per_class_ingest_feeds_zero_shot(tmp_path):
+    """`root/<class>/<image>` (ImageNet's layout) without a captions file: label = sorted class index, caption from
+    the class name, class names in the manifest, where the zero-shot eval's class-name lookup finds them."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imagenet_val"
+    for name, count in (("tench", 2), ("great_white_shark", 3)):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            (root / name / f"{i}.jpg").write_bytes(_img("JPEG", rng))
+    (root / "tench" / "notes.txt").write_text("not an image")
+    (root / "LICENSE").write_text("a file beside the class folders")
+    out = tmp_path / "ar"
+    manifest = ingest.ingest_image_folder(str(root), None, str(out), records_per_shard=4)
+    assert manifest["class_names"] == ["great_white_shark", "tench"]
+    got = sorted(
+        (r["id"], r["caption"], r["label"])
+        for f in sources.resolve_files(str(out))
+        for r in map(records.decode_record, records.iter_array_record(f))
+    )
+    assert got == [
+        ("great_white_shark/0.jpg", "a photo of a great white shark.", 0),
+        ("great_white_shark/1.jpg", "a photo of a great white shark.", 0),
+        ("great_white_shark/2.jpg", "a photo of a great white shark.", 0),
+        ("tench/0.jpg", "a photo of a tench.", 1),
+        ("tench/1.jpg", "a photo of a tench.", 1),
+    ]
+    assert pipeline.class_names(_loader_config(str(out))) == ["great_white_shark", "tench"]
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        ingest.ingest_image_folder(str(root / "tench"), None, str(tmp_path / "x"))

@@ -3,7 +3,9 @@ r"""Converts raw image-text data into unitok_jax ArrayRecord shards (+ manifest.
 Inputs:
   webdataset  tar shards in img2dataset layout: ``key.jpg|png|webp`` + ``key.txt`` (+ ``key.json`` / ``key.cls``);
               one output shard per input tar.
-  folder      an image folder plus a captions file (CSV / TSV / JSONL with filename, caption[, label]).
+  folder      an image folder plus a captions file (CSV / TSV / JSONL with filename, caption[, label]), or without
+              --captions a folder per class (root/<class>/<image>, ImageNet's layout): label = sorted class index,
+              caption = ``caption_template.format(class_name)``, class names in the manifest.
   tfds        a TFDS dataset already prepared locally as ArrayRecord (read with ``tfds.data_source``, no
               TensorFlow); caption = ``caption_template.format(class_name)``.
 Tars, image folders and captions files may be local or ``gs://``; the output directory must be local (or a
@@ -423,19 +425,49 @@ def read_captions_file(path: str) -> list[tuple[str, str | None, int | None]]:
     return rows
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif")
+
+
+def class_folder_rows(image_dir: str, caption_template: str) -> tuple[list[tuple[str, str, int]], list[str]]:
+    """`root/<class>/<image>` (the ImageNet train/val layout) -> ([(relative path, caption, label)], class names).
+
+    Classes are the sub-folders in sorted order (label = index, as torchvision's ImageFolder assigns them); the
+    caption is `caption_template` with the class name (underscores as spaces)."""
+    classes = sorted(d for d in paths.listdir(image_dir) if paths.isdir(paths.join(image_dir, d)))
+    if not classes:
+        raise ValueError(f"{image_dir} has no class sub-folders (expected root/<class>/<image>; or pass --captions)")
+    rows = []
+    for label, name in enumerate(classes):
+        caption = caption_template.format(name.replace("_", " "))
+        for filename in sorted(paths.listdir(paths.join(image_dir, name))):
+            if filename.lower().endswith(IMAGE_SUFFIXES):
+                rows.append((f"{name}/{filename}", caption, label))
+    return rows, classes
+
+
 def ingest_image_folder(
     image_dir: str,
-    captions_file: str,
+    captions_file: str | None,
     output_dir: str,
     *,
     records_per_shard: int = 5000,
     num_workers: int = 1,
     options: IngestOptions = IngestOptions(),
 ) -> dict[str, Any]:
-    """Image folder + captions file -> ArrayRecord shards of ``records_per_shard`` rows each + manifest."""
-    rows = read_captions_file(captions_file)
+    """Image folder -> ArrayRecord shards of ``records_per_shard`` rows each + manifest.
+
+    With a captions file (CSV / TSV / JSONL): the images it lists. Without one: a folder per class
+    (`root/<class>/<image>`), captions from ``options.caption_template`` and the class names in the manifest, where
+    the zero-shot eval finds them."""
+    class_names: list[str] = []
+    if captions_file:
+        rows = read_captions_file(captions_file)
+        source = paths.resolve(captions_file)
+    else:
+        rows, class_names = class_folder_rows(image_dir, options.caption_template)
+        source = paths.resolve(image_dir)
     if not rows:
-        raise ValueError(f"{captions_file} lists no images")
+        raise ValueError(f"{captions_file or image_dir} lists no images")
     n = -(-len(rows) // records_per_shard)
     tasks = []
     for i in range(n):
@@ -445,10 +477,13 @@ def ingest_image_folder(
                 "folder",
                 {"root": paths.resolve(image_dir), "rows": chunk},
                 _shard_name(i, n),
-                f"{paths.resolve(captions_file)}[{i * records_per_shard}:{i * records_per_shard + len(chunk)}]",
+                f"{source}[{i * records_per_shard}:{i * records_per_shard + len(chunk)}]",
             )
         )
-    return run_tasks(tasks, output_dir, num_workers=num_workers, options=options, extra={"kind": "folder"})
+    extra: dict[str, Any] = {"kind": "folder"}
+    if class_names:
+        extra["class_names"] = class_names
+    return run_tasks(tasks, output_dir, num_workers=num_workers, options=options, extra=extra)
 
 
 def ingest_tfds(
@@ -502,10 +537,12 @@ def _define_flags() -> None:
     flags.DEFINE_enum("kind", None, ["webdataset", "folder", "tfds"], "Input kind.")
     flags.DEFINE_string("input", None, "webdataset: tar globs/ranges; folder: image dir; tfds: dataset name.")
     flags.DEFINE_string("output_dir", None, "Where shards and manifest.json go.")
-    flags.DEFINE_string("captions", None, "folder: CSV/TSV/JSONL with filename,caption[,label].")
+    flags.DEFINE_string(
+        "captions", None, "folder: CSV/TSV/JSONL with filename,caption[,label]; none = one sub-folder per class."
+    )
     flags.DEFINE_string("split", "train", "tfds: split.")
     flags.DEFINE_string("tfds_data_dir", None, "tfds: data_dir holding the prepared dataset.")
-    flags.DEFINE_string("caption_template", "a photo of a {}.", "tfds: caption from class name.")
+    flags.DEFINE_string("caption_template", "a photo of a {}.", "tfds / class folders: caption from class name.")
     flags.DEFINE_integer("records_per_shard", 5000, "folder/tfds: records per output shard.")
     flags.DEFINE_integer("num_workers", max(1, (os.cpu_count() or 2) - 1), "Parallel shard writers.")
     flags.DEFINE_bool("verify_images", True, "Decode each image once and drop undecodable ones.")
@@ -525,11 +562,9 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.kind == "webdataset":
         manifest = ingest_webdataset(FLAGS.input, FLAGS.output_dir, num_workers=FLAGS.num_workers, options=opts)
     elif FLAGS.kind == "folder":
-        if not FLAGS.captions:
-            raise app.UsageError("--kind=folder needs --captions=<csv|tsv|jsonl>")
         manifest = ingest_image_folder(
             FLAGS.input,
-            FLAGS.captions,
+            FLAGS.captions or None,
             FLAGS.output_dir,
             records_per_shard=FLAGS.records_per_shard,
             num_workers=FLAGS.num_workers,
