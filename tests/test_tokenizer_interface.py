@@ -44,7 +44,7 @@ def test_interface_and_adaptive_kernel_gradient(build, tmp_path):
     @nnx.jit
     def run(m):
         rec, aux = m(images, text, deterministic=True)
-        via_interface, _ = step_lib.adaptive_kernel_grads(None, m, aux, rec.astype(jnp.float32), nll, nll)
+        via_interface, _ = step_lib.adaptive_kernel_grads(m, aux, rec.astype(jnp.float32), nll, nll)
         grads = nnx.grad(lambda mm: nll(mm(images, text, deterministic=True)[0]))(m)
         return via_interface, grads, m.codes(aux), m.extra_losses(aux), m.clip_pair(aux)
 

@@ -66,10 +66,6 @@ def check_divisible(numerator: int, denominator: int, field: str, what: str, fix
     )
 
 
-def check_file(path: str, field: str, what: str) -> None:
-    check_files([(path, field, what)])
-
-
 def check_files(entries: list[tuple[str, str, str]]) -> None:
     """Weight files (path, field, what needs it), checked together: a config that needs several names every missing
     one in one error instead of one per start."""

@@ -84,7 +84,6 @@ def full_batch_accumulated_train_step(
             model, images, frozen_view, rec, aux = step_lib.model_forward(state.params, frozen, chunk, chunk_keys, ctx)
             out = {
                 "kernel_grads": step_lib.adaptive_kernel_grads(
-                    ctx,
                     model,
                     aux,
                     rec,

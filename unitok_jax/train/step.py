@@ -167,7 +167,7 @@ def generator_adversarial(ctx: StepContext, state: TrainState, frozen, keys) -> 
     return gan_fn
 
 
-def adaptive_kernel_grads(ctx: StepContext, model, aux, rec, nll_fn, gan_fn) -> tuple[jax.Array, jax.Array]:
+def adaptive_kernel_grads(model, aux, rec, nll_fn, gan_fn) -> tuple[jax.Array, jax.Array]:
     """(∇_W nll, ∇_W gan) at the last decoder conv W: vjp of that conv with ∂loss/∂rec (no full 2nd backward)."""
     conv = model.last_decoder_conv
     x_last = jax.lax.stop_gradient(aux["decoder_last_input"])
@@ -245,7 +245,7 @@ def generator_loss(
             adaptive = given.adaptive_weight
         elif w.adaptive_gan_weight:
             adaptive = adversarial.adaptive_weight(
-                *adaptive_kernel_grads(ctx, model, aux, rec, nll_fn, gan_fn), w.adaptive_clamp
+                *adaptive_kernel_grads(model, aux, rec, nll_fn, gan_fn), w.adaptive_clamp
             )
         else:
             adaptive = jnp.ones((), jnp.float32)
